@@ -1,0 +1,87 @@
+//! The command line, as clap derive structs. The doc comments are the `--help` text.
+
+use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Run one command per channel at a time: a per-channel lock with a fair queue,
+/// a timeout that stops the whole process group, and the model's session id kept
+/// per channel.
+#[derive(Debug, Parser)]
+#[command(name = "chan-run", version, propagate_version = true)]
+pub struct Cli {
+    /// Where locks, queues and state live [default: ~/.local/state/chan-run]
+    #[arg(long, global = true, env = "CHAN_RUN_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run COMMAND holding CHANNEL's lock; waits its turn if the channel is busy.
+    Run(RunArgs),
+}
+
+/// How long to wait for a busy channel, and what to exit with if it stays busy.
+#[derive(Debug, Args, Clone)]
+pub struct WaitArgs {
+    /// If the channel is busy (held, or callers waiting), exit with the busy code at once
+    #[arg(short = 'n', long, conflicts_with = "wait")]
+    pub no_wait: bool,
+
+    /// Give up waiting for a busy channel after DUR and exit with the busy code
+    #[arg(short = 'w', long, value_name = "DUR", value_parser = crate::duration::parse)]
+    pub wait: Option<Duration>,
+
+    /// The busy code, as `flock -E`
+    #[arg(short = 'E', long, value_name = "N", default_value_t = crate::exit_code::BUSY_DEFAULT)]
+    pub conflict_exit_code: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The channel: runs on one channel never overlap
+    #[arg(short, long, env = "CHAN_RUN_CHANNEL", value_name = "NAME")]
+    pub channel: String,
+
+    /// The command's time limit (300, 0.5, 90s, 5m, 1h30m); 0 = none
+    #[arg(short, long, value_name = "DUR", default_value = "5m", value_parser = crate::duration::parse)]
+    pub timeout: Duration,
+
+    /// After the timeout's SIGTERM, send SIGKILL this much later
+    #[arg(short, long, value_name = "DUR", default_value = "10s", value_parser = crate::duration::parse)]
+    pub kill_after: Duration,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
+
+    /// No notes of chan-run's own on stderr (errors still print)
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// The command and its arguments
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn command_keeps_its_own_flags() {
+        let cli = Cli::try_parse_from(["chan-run", "run", "-c", "x", "--", "ls", "-t", "--help"]).unwrap();
+        let Command::Run(run) = cli.command;
+        assert_eq!(run.command, ["ls", "-t", "--help"]);
+        assert_eq!(run.timeout, Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,79 @@
+//! The main thread's one place to wait. Signal handlers only set an atomic and write
+//! a byte to a wake pipe; helper threads (the lock waiter, the output pumps) write the
+//! same pipe; SIGCHLD wakes it too. The main thread blocks in `poll` on that pipe with
+//! the nearest deadline as its timeout, then looks at what changed: no polling loops.
+
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// The signals chan-run passes to its command and answers with exit 128+N.
+pub const FORWARDED: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
+
+pub struct Control {
+    rx: UnixStream,
+    tx: UnixStream,
+    signal: Arc<AtomicUsize>,
+}
+
+/// A cheap handle other threads use to wake the main thread.
+pub struct Waker(UnixStream);
+
+impl Waker {
+    pub fn wake(&self) {
+        // A full pipe already holds a wake-up; nothing is lost by dropping this one.
+        let _ = (&self.0).write(&[1]);
+    }
+}
+
+impl Control {
+    /// Installs the handlers. Signals ignored at start (e.g. under `nohup`) stay ignored.
+    pub fn install() -> io::Result<Control> {
+        let (rx, tx) = UnixStream::pair()?;
+        rx.set_nonblocking(true)?;
+        tx.set_nonblocking(true)?;
+        let signal = Arc::new(AtomicUsize::new(0));
+        for sig in FORWARDED {
+            if crate::sys::signal_is_ignored(sig) {
+                continue;
+            }
+            // Registered first, so the flag is set before the wake byte is written.
+            signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)?;
+            signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
+        }
+        signal_hook::low_level::pipe::register(SIGCHLD, tx.try_clone()?)?;
+        Ok(Control { rx, tx, signal })
+    }
+
+    pub fn waker(&self) -> io::Result<Waker> {
+        Ok(Waker(self.tx.try_clone()?))
+    }
+
+    /// Blocks until something wakes the main thread or `deadline` passes.
+    pub fn wait(&self, deadline: Option<Instant>) -> io::Result<()> {
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ }
+        });
+        let mut fds = [PollFd::new(&self.rx, PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut sink = [0u8; 64];
+        while matches!((&self.rx).read(&mut sink), Ok(n) if n > 0) {}
+        Ok(())
+    }
+
+    /// The forwarded signal received since the last call, if any.
+    pub fn take_signal(&self) -> Option<i32> {
+        match self.signal.swap(0, Ordering::SeqCst) {
+            0 => None,
+            sig => Some(sig as i32),
+        }
+    }
+}

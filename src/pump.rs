@@ -1,0 +1,161 @@
+//! Passing the command's stdout and stderr through, live. One thread per stream reads
+//! the command's pipe and writes chan-run's own descriptor with blocking writes (so a
+//! slow reader slows the command, as without chan-run), keeping only a bounded tail of
+//! stdout for the session id. When the command has exited, a pump passes on what is
+//! already in the pipe (at most one pipe's capacity) and stops, even if a descendant
+//! still holds the pipe open. If chan-run's own output is closed (`| head`), the pump
+//! closes the command's pipe, so the command sees EPIPE/SIGPIPE as it would have.
+
+use crate::control::Waker;
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::fd::{BorrowedFd, OwnedFd};
+use rustix::io::Errno;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+const BUF: usize = 256 * 1024;
+/// The pipe size asked for: fewer wake-ups per byte; the kernel may give less.
+const PIPE_SIZE: usize = 1024 * 1024;
+
+/// The last bytes of a stream, capped, and whether the whole stream fit.
+#[derive(Debug, Default)]
+pub struct Tail {
+    cap: usize,
+    bytes: std::collections::VecDeque<u8>,
+    total: u64,
+}
+
+impl Tail {
+    pub fn new(cap: usize) -> Tail {
+        Tail { cap, bytes: Default::default(), total: 0 }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.total += data.len() as u64;
+        if self.cap == 0 {
+            return;
+        }
+        let data = &data[data.len().saturating_sub(self.cap)..];
+        let excess = (self.bytes.len() + data.len()).saturating_sub(self.cap);
+        self.bytes.drain(..excess);
+        self.bytes.extend(data);
+    }
+
+    /// The kept bytes, and whether they are the whole stream.
+    pub fn contents(&mut self) -> (&[u8], bool) {
+        let whole = self.total == self.bytes.len() as u64;
+        (self.bytes.make_contiguous(), whole)
+    }
+}
+
+pub struct Pump {
+    handle: Option<JoinHandle<()>>,
+    done: Arc<AtomicBool>,
+    pub tail: Arc<Mutex<Tail>>,
+}
+
+impl Pump {
+    /// Copies `src` (the command's pipe) to `dst` (fd 1 or 2) on a new thread.
+    /// `exited` becomes readable (its writer is closed) when the command has exited.
+    pub fn start(src: OwnedFd, dst: i32, tail_cap: usize, exited: Arc<OwnedFd>, waker: Waker) -> Pump {
+        let _ = rustix::pipe::fcntl_setpipe_size(&src, PIPE_SIZE);
+        let done = Arc::new(AtomicBool::new(false));
+        let tail = Arc::new(Mutex::new(Tail::new(tail_cap)));
+        let (done2, tail2) = (Arc::clone(&done), Arc::clone(&tail));
+        let handle = std::thread::spawn(move || {
+            copy(src, dst, &tail2, &exited);
+            done2.store(true, Ordering::SeqCst);
+            waker.wake();
+        });
+        Pump { handle: Some(handle), done, tail }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Joins the thread if it has finished; a stuck one is left behind (the process is
+    /// about to exit, which ends it).
+    pub fn finish(mut self) {
+        if let Some(h) = self.handle.take().filter(|_| self.is_done()) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &OwnedFd) {
+    let dst = std_fd(dst);
+    let _ = rustix::io::ioctl_fionbio(&src, true);
+    let mut buf = vec![0u8; BUF];
+    // After the exit notice: how much more to pass on (what the pipe could hold then).
+    let mut budget: Option<usize> = None;
+    loop {
+        match rustix::io::read(&src, &mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if let Ok(mut t) = tail.lock() {
+                    t.push(&buf[..n]);
+                }
+                if write_all(dst, &buf[..n]).is_err() {
+                    return; // the reader is gone: dropping `src` closes the pipe
+                }
+                if let Some(left) = budget.as_mut() {
+                    *left = left.saturating_sub(n);
+                    if *left == 0 {
+                        return;
+                    }
+                }
+            }
+            Err(Errno::INTR) => {}
+            Err(Errno::AGAIN) => {
+                if budget.is_some() {
+                    return;
+                }
+                let mut fds = [PollFd::new(&src, PollFlags::IN), PollFd::new(exited, PollFlags::IN)];
+                match poll(&mut fds, None) {
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(_) => return,
+                }
+                if !fds[1].revents().is_empty() {
+                    budget = Some(rustix::pipe::fcntl_getpipe_size(&src).unwrap_or(PIPE_SIZE));
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn write_all(dst: BorrowedFd<'_>, mut data: &[u8]) -> rustix::io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::write(dst, data) {
+            Ok(n) => data = &data[n..],
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn std_fd(fd: i32) -> BorrowedFd<'static> {
+    match fd {
+        1 => rustix::stdio::stdout(),
+        _ => rustix::stdio::stderr(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_bytes() {
+        let mut t = Tail::new(5);
+        t.push(b"abc");
+        assert_eq!(t.contents(), (&b"abc"[..], true));
+        t.push(b"defg");
+        assert_eq!(t.contents(), (&b"cdefg"[..], false));
+        t.push(b"0123456789");
+        assert_eq!(t.contents(), (&b"56789"[..], false));
+    }
+}

@@ -1,0 +1,231 @@
+//! A channel's lock file, `locks/<stem>.lock`, and the holder record inside it.
+//!
+//! Line 1 is the channel's full name, written by its first holder and checked by every
+//! later one (two names whose long stems collide can never share a lock). Line 2, while
+//! the lock is held, is the holder record: chan-run's pid, the command's pid (= its
+//! process group; written by the command itself before `exec`, into a fixed-width slot),
+//! the clock-tick window of its fork, start time, channel and command. A clean end
+//! truncates the file back to line 1 before unlocking; a record found by the next holder
+//! therefore means the previous run did not end cleanly, and what is left of its
+//! command must be killed first. Readers take a record only if it is one whole line of
+//! valid JSON: a torn or stale one reads as "unknown", never as an error.
+
+use crate::orphans::Leftover;
+use anyhow::{Context, bail};
+use rustix::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use serde::Deserialize;
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, SystemTime};
+
+/// The longest record `announce` writes; long prompts are cut to fit.
+const MAX_COMMAND_BYTES: usize = 4096;
+const MAX_ARG_BYTES: usize = 512;
+const PID_WIDTH: usize = 11;
+const TICKS_WIDTH: usize = 20;
+
+pub fn open(locks: &OwnedFd, stem: &str) -> rustix::io::Result<File> {
+    let fd = rustix::fs::openat(
+        locks,
+        format!("{stem}.lock"),
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// After taking the lock: does the path still name the file we locked? (A lock file
+/// removed by clean-up while we waited on it protects nothing.)
+pub fn still_named(locks: &OwnedFd, stem: &str, file: &File) -> bool {
+    let (Ok(open), Ok(named)) = (
+        rustix::fs::fstat(file),
+        rustix::fs::statat(locks, format!("{stem}.lock"), AtFlags::SYMLINK_NOFOLLOW),
+    ) else {
+        return false;
+    };
+    (open.st_dev, open.st_ino) == (named.st_dev, named.st_ino)
+}
+
+/// The record as readers see it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct HolderRecord {
+    pub pid: u32,
+    pub started_at: String,
+    pub spawn_ticks: Option<u64>,
+    pub spawned_ticks: Option<u64>,
+    pub command_pid: Option<u32>,
+    pub channel: String,
+    pub command: Vec<String>,
+}
+
+impl HolderRecord {
+    pub fn leftover(&self) -> Option<Leftover> {
+        Some(Leftover {
+            pgid: self.command_pid?,
+            spawn_ticks: self.spawn_ticks?,
+            spawned_ticks: self.spawned_ticks,
+        })
+    }
+
+    pub fn held_for(&self) -> Option<Duration> {
+        let since = humantime::parse_rfc3339(&self.started_at).ok()?;
+        SystemTime::now().duration_since(since).ok()
+    }
+}
+
+/// The file's content split into its name line and holder record, if valid.
+pub struct Contents {
+    pub name: Option<String>,
+    pub record: Option<HolderRecord>,
+    /// Bytes after the name line (a record, whole or torn).
+    pub has_tail: bool,
+}
+
+pub fn read(file: &File) -> std::io::Result<Contents> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 8192];
+    let mut at = 0;
+    loop {
+        let n = file.read_at(&mut chunk, at)?;
+        if n == 0 || buf.len() > 64 * 1024 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        at += n as u64;
+    }
+    Ok(parse(&buf))
+}
+
+fn parse(buf: &[u8]) -> Contents {
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        return Contents { name: None, record: None, has_tail: false };
+    };
+    let name = std::str::from_utf8(&buf[..nl]).ok().map(str::to_owned);
+    let tail = &buf[nl + 1..];
+    let record = match tail.iter().position(|&b| b == b'\n') {
+        Some(end) if end + 1 == tail.len() => serde_json::from_slice(&tail[..end]).ok(),
+        _ => None,
+    };
+    Contents { name, record, has_tail: !tail.is_empty() }
+}
+
+/// Makes sure line 1 names `channel`; an empty file gets it, a different name is refused.
+pub fn claim_name(file: &File, channel: &str, contents: &Contents) -> anyhow::Result<u64> {
+    match &contents.name {
+        Some(name) if name == channel => Ok(name.len() as u64 + 1),
+        Some(other) => bail!(
+            "the lock file of channel {channel:?} belongs to channel {other:?} (their shortened names collide); use a shorter channel name"
+        ),
+        None => {
+            let header = format!("{channel}\n");
+            file.set_len(0)?;
+            file.write_all_at(header.as_bytes(), 0).context("cannot write the lock file")?;
+            Ok(header.len() as u64)
+        }
+    }
+}
+
+/// Where the fixed-width slots of a written record are.
+#[derive(Clone, Copy, Debug)]
+pub struct Slots {
+    pub pid: u64,
+    pub spawned_ticks: u64,
+}
+
+/// Writes the holder record after the name line; returns where its slots are.
+pub fn announce(
+    file: &File,
+    header_len: u64,
+    channel: &str,
+    holder: &crate::store::Holder,
+) -> anyhow::Result<Slots> {
+    let started_at = humantime::format_rfc3339_millis(holder.started_at).to_string();
+    let command = capped(holder.command);
+    let mut line = format!(
+        r#"{{"pid":{},"started_at":{},"spawn_ticks":{},"spawned_ticks":"#,
+        holder.pid,
+        serde_json::to_string(&started_at)?,
+        holder.spawn_ticks
+    );
+    let spawned_ticks = line.len() as u64;
+    line.push_str(&format!("{:<TICKS_WIDTH$}", "null"));
+    line.push_str(r#","command_pid":"#);
+    let pid = line.len() as u64;
+    line.push_str(&format!("{:<PID_WIDTH$}", "null"));
+    line.push_str(&format!(
+        r#","channel":{},"command":{}}}"#,
+        serde_json::to_string(channel)?,
+        serde_json::to_string(&command)?
+    ));
+    line.push('\n');
+    file.write_all_at(line.as_bytes(), header_len).context("cannot write the holder record")?;
+    file.set_len(header_len + line.len() as u64).context("cannot write the holder record")?;
+    Ok(Slots { pid: header_len + pid, spawned_ticks: header_len + spawned_ticks })
+}
+
+pub fn pid_slot(file: &File, slots: Slots) -> (RawFd, u64, usize) {
+    (file.as_fd().as_raw_fd(), slots.pid, PID_WIDTH)
+}
+
+pub fn write_spawned(file: &File, slots: Slots, pid: u32, ticks: u64) {
+    // Best effort: the command's own pre-exec write already named the group.
+    let _ = file.write_all_at(format!("{:<PID_WIDTH$}", pid).as_bytes(), slots.pid);
+    let _ = file.write_all_at(format!("{:<TICKS_WIDTH$}", ticks).as_bytes(), slots.spawned_ticks);
+}
+
+/// The command for the record: lossy UTF-8, each argument and the whole capped.
+fn capped(command: &[OsString]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut total = 0;
+    for arg in command {
+        let mut arg = arg.to_string_lossy().into_owned();
+        if arg.len() > MAX_ARG_BYTES {
+            let mut cut = MAX_ARG_BYTES;
+            while !arg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            arg.truncate(cut);
+            arg.push('…');
+        }
+        total += arg.len();
+        if total > MAX_COMMAND_BYTES {
+            out.push("…".to_owned());
+            break;
+        }
+        out.push(arg);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_or_partial_records_read_as_unknown() {
+        let full = br#"chan
+{"pid":1,"started_at":"2026-01-01T00:00:00.000Z","spawn_ticks":5,"spawned_ticks":6                   ,"command_pid":7          ,"channel":"chan","command":["a"]}
+"#;
+        let c = parse(full);
+        assert_eq!(c.name.as_deref(), Some("chan"));
+        let rec = c.record.unwrap();
+        assert_eq!(rec.command_pid, Some(7));
+        assert_eq!(rec.leftover().unwrap().spawned_ticks, Some(6));
+        for cut in [5, 30, full.len() - 1] {
+            let c = parse(&full[..cut]);
+            assert!(c.record.is_none(), "{cut}");
+        }
+        assert!(parse(b"chan\n").record.is_none());
+    }
+
+    #[test]
+    fn long_commands_are_capped() {
+        let long = OsString::from("x".repeat(10_000));
+        let many: Vec<OsString> = (0..100).map(|_| long.clone()).collect();
+        let capped = capped(&many);
+        assert!(capped.iter().map(String::len).sum::<usize>() <= MAX_COMMAND_BYTES + 8);
+        assert_eq!(capped.last().unwrap(), "…");
+    }
+}

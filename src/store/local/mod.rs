@@ -1,0 +1,279 @@
+//! The default store: files under the state directory, locked with `flock`.
+//!
+//!     <state-dir>/locks/<stem>.lock   the channel lock and holder record (lock.rs)
+//!     <state-dir>/queue/<stem>/       the channel's FIFO queue of tickets (queue.rs)
+//!
+//! The state directory is created mode 0700 and must belong to the user; its files are
+//! 0600, opened relative to directory descriptors with `O_NOFOLLOW`, so a planted
+//! symlink is refused rather than followed. Every descriptor is close-on-exec: the
+//! command never inherits a lock, so a descendant that outlives a run cannot wedge
+//! its channel.
+
+mod lock;
+mod queue;
+
+use crate::channel::Channel;
+use crate::control::Control;
+use crate::store::{AcquireError, Holder, Lease, Store, Wait, WaitNote};
+use anyhow::{Context, anyhow, bail};
+use queue::{QueueDir, Ticket};
+use rustix::fd::{OwnedFd, RawFd};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+pub struct LocalStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    locks: OwnedFd,
+    queues: OwnedFd,
+}
+
+impl LocalStore {
+    /// Opens (creating as needed) the state directory at `root`.
+    pub fn open(root: &Path) -> anyhow::Result<LocalStore> {
+        let hint = "pass --state-dir DIR (or set CHAN_RUN_STATE_DIR) to a directory of your own";
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .with_context(|| format!("cannot create the state directory {}; {hint}", root.display()))?;
+        let meta = std::fs::metadata(root)
+            .with_context(|| format!("cannot use the state directory {}", root.display()))?;
+        if !meta.is_dir() {
+            bail!("the state directory {} is not a directory; {hint}", root.display());
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            bail!(
+                "the state directory {} belongs to uid {}, not to you (uid {me}); {hint}",
+                root.display(),
+                meta.uid()
+            );
+        }
+        let dir = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .with_context(|| format!("cannot open the state directory {}", root.display()))?;
+        let named = |name: &str| root.join(name).display().to_string();
+        let locks =
+            subdir(&dir, "locks").with_context(|| format!("cannot use {}; remove it", named("locks")))?;
+        let queues =
+            subdir(&dir, "queue").with_context(|| format!("cannot use {}; remove it", named("queue")))?;
+        Ok(LocalStore { inner: Arc::new(Inner { root: root.to_owned(), locks, queues }) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+}
+
+impl Inner {
+    /// Steps 1-3 of the queue protocol: the lock at once, busy, or a ticket.
+    fn register(&self, queue: &QueueDir, channel: &Channel, blocking: bool) -> anyhow::Result<Registered> {
+        let Some(reg) = queue.register(blocking).context("cannot lock the queue")? else {
+            return Ok(Registered::Contended);
+        };
+        let (tickets, live) = queue.live_top(&reg).context("cannot read the queue")?;
+        if !live {
+            if let Some(file) = self.try_lock(channel)? {
+                return Ok(Registered::Held(file));
+            }
+        }
+        let ticket = queue.take_ticket(&reg, tickets.last().copied())?;
+        drop(reg);
+        let note = self.wait_note(channel, tickets.len());
+        Ok(Registered::Queued(ticket, note))
+    }
+
+    fn try_lock(&self, channel: &Channel) -> anyhow::Result<Option<File>> {
+        loop {
+            let file = lock::open(&self.locks, channel.stem()).map_err(|e| open_error(channel, e))?;
+            match file.try_lock() {
+                Ok(()) if lock::still_named(&self.locks, channel.stem(), &file) => return Ok(Some(file)),
+                Ok(()) => continue,
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(e)) => return Err(e).context("cannot lock the channel"),
+            }
+        }
+    }
+
+    /// Step 5: blocks in the kernel until the channel lock is ours.
+    fn lock(&self, channel: &Channel) -> anyhow::Result<File> {
+        loop {
+            let file = lock::open(&self.locks, channel.stem()).map_err(|e| open_error(channel, e))?;
+            file.lock().context("cannot lock the channel")?;
+            if lock::still_named(&self.locks, channel.stem(), &file) {
+                return Ok(file);
+            }
+        }
+    }
+
+    fn wait_note(&self, channel: &Channel, ahead: usize) -> WaitNote {
+        let record = lock::open(&self.locks, channel.stem())
+            .ok()
+            .and_then(|f| lock::read(&f).ok())
+            .and_then(|c| c.record);
+        WaitNote {
+            holder_pid: record.as_ref().map(|r| r.pid),
+            held_for: record.as_ref().and_then(|r| r.held_for()),
+            ahead,
+        }
+    }
+
+    /// Steps 4-6, run on a helper thread so the main thread can watch the deadline and
+    /// signals: if it gives up, the process exits and the kernel drops the waits.
+    fn wait_in_line(&self, queue: &QueueDir, channel: &Channel, ticket: Ticket) -> anyhow::Result<File> {
+        while let Some(ahead) = queue.predecessor(ticket.seq).context("cannot read the queue")? {
+            queue.wait_for(ahead).context("cannot wait in the queue")?;
+        }
+        let file = self.lock(channel)?;
+        queue.leave(ticket);
+        Ok(file)
+    }
+
+    /// The held lock becomes a lease once the name is checked and leftovers are gone.
+    fn lease(&self, channel: &Channel, file: File) -> anyhow::Result<Box<dyn Lease>> {
+        let contents = lock::read(&file).context("cannot read the lock file")?;
+        let header_len = lock::claim_name(&file, channel.name(), &contents)?;
+        if let Some(left) = contents.record.as_ref().and_then(|r| r.leftover()) {
+            crate::orphans::kill(&left);
+        }
+        if contents.has_tail {
+            file.set_len(header_len).context("cannot clear the previous holder record")?;
+        }
+        Ok(Box::new(LocalLease { file, header_len, channel: channel.name().to_owned(), slots: None }))
+    }
+}
+
+enum Registered {
+    Held(File),
+    Queued(Ticket, WaitNote),
+    /// Somebody else holds the registration lock right now.
+    Contended,
+}
+
+enum Progress {
+    Queued(WaitNote),
+    Done(anyhow::Result<File>),
+}
+
+impl Store for LocalStore {
+    fn acquire(
+        &self,
+        channel: &Channel,
+        wait: Wait,
+        control: &Control,
+        on_wait: &mut dyn FnMut(&WaitNote),
+    ) -> Result<Box<dyn Lease>, AcquireError> {
+        let queue = Arc::new(QueueDir::open(&self.inner.queues, channel.stem())?);
+        let ticket = match self.inner.register(&queue, channel, false)? {
+            Registered::Held(file) => return Ok(self.inner.lease(channel, file)?),
+            _ if wait == Wait::No => return Err(AcquireError::Busy),
+            Registered::Queued(ticket, note) => {
+                on_wait(&note);
+                Some(ticket)
+            }
+            Registered::Contended => None,
+        };
+        // The helper blocks in `flock`; if this thread gives up, it returns and the
+        // caller exits: the kernel then drops the helper's waits and frees the ticket,
+        // and the next in line moves up (it removes the ticket file).
+        let (tx, rx) = mpsc::channel();
+        let waker = control.waker().context("cannot set up waiting")?;
+        let (inner, helper_queue, helper_channel) =
+            (Arc::clone(&self.inner), Arc::clone(&queue), channel.clone());
+        std::thread::spawn(move || {
+            let send = |p| {
+                let _ = tx.send(p);
+                waker.wake();
+            };
+            let ticket = match ticket {
+                Some(t) => t,
+                None => match inner.register(&helper_queue, &helper_channel, true) {
+                    Ok(Registered::Queued(t, note)) => {
+                        send(Progress::Queued(note));
+                        t
+                    }
+                    Ok(Registered::Held(file)) => return send(Progress::Done(Ok(file))),
+                    Ok(Registered::Contended) => unreachable!("a blocking registration waits its turn"),
+                    Err(e) => return send(Progress::Done(Err(e))),
+                },
+            };
+            send(Progress::Done(inner.wait_in_line(&helper_queue, &helper_channel, ticket)));
+        });
+        loop {
+            while let Ok(progress) = rx.try_recv() {
+                match progress {
+                    Progress::Queued(note) => on_wait(&note),
+                    Progress::Done(file) => return Ok(self.inner.lease(channel, file?)?),
+                }
+            }
+            if let Some(sig) = control.take_signal() {
+                return Err(AcquireError::Interrupted(sig));
+            }
+            let deadline = match wait {
+                Wait::Until(d) if Instant::now() >= d => return Err(AcquireError::Busy),
+                Wait::Until(d) => Some(d),
+                _ => None,
+            };
+            control.wait(deadline).context("cannot wait")?;
+        }
+    }
+}
+
+fn open_error(channel: &Channel, e: Errno) -> anyhow::Error {
+    if e == Errno::LOOP || e == Errno::MLINK {
+        anyhow!("locks/{}.lock is a symbolic link; chan-run never follows one: remove it", channel.stem())
+    } else {
+        anyhow!("cannot open locks/{}.lock: {e}", channel.stem())
+    }
+}
+
+/// Creates (0700) and opens a subdirectory without following a symlink.
+fn subdir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+struct LocalLease {
+    file: File,
+    header_len: u64,
+    channel: String,
+    slots: Option<lock::Slots>,
+}
+
+impl Lease for LocalLease {
+    fn announce(&mut self, holder: &Holder) -> anyhow::Result<()> {
+        self.slots = Some(lock::announce(&self.file, self.header_len, &self.channel, holder)?);
+        Ok(())
+    }
+
+    fn pid_slot(&self) -> Option<(RawFd, u64, usize)> {
+        self.slots.map(|s| lock::pid_slot(&self.file, s))
+    }
+
+    fn command_started(&mut self, pid: u32, ticks: u64) {
+        if let Some(slots) = self.slots {
+            lock::write_spawned(&self.file, slots, pid, ticks);
+        }
+    }
+
+    fn release(self: Box<Self>) -> anyhow::Result<()> {
+        self.file.set_len(self.header_len).context("cannot clear the holder record")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,187 @@
+//! A channel's first-come-first-served queue: a folder `queue/<stem>/` whose own
+//! `flock` is the registration lock, holding one ticket file per waiting caller.
+//!
+//! Protocol (each step's crash outcome in brackets; every lock is a `flock`, freed by
+//! the kernel when its holder dies):
+//! 1. Take the registration lock (held for microseconds) [dies: lock freed].
+//! 2. Find the live tickets: a ticket is live while its owner holds it `LOCK_EX`; a
+//!    `LOCK_SH|LOCK_NB` probe that succeeds proves its owner gone, and the dead ticket
+//!    is unlinked [dies: nothing changed but dead files removed].
+//! 3. No live ticket and the channel lock free (`LOCK_NB`): take it, done, no ticket.
+//!    Otherwise create ticket `max+1` (`O_EXCL`), lock it `LOCK_EX`, write pid and
+//!    time into it, drop the registration lock [dies before the lock: the file is an
+//!    unlocked, hence dead, ticket; after: freed like any waiter].
+//! 4. Wait: block (`LOCK_SH`, in the kernel) on the ticket just below one's own; when
+//!    granted, its owner is gone (served or given up or dead): unlink it, look again.
+//!    Each ticket has one waiter, so a hand-off wakes one process, never a herd.
+//! 5. No ticket below: this caller is first; block on the channel lock itself. Only the
+//!    first in line ever contends for it, so the kernel hands it over in queue order.
+//! 6. Holding the channel lock: unlink one's own ticket; the next in line moves to 5.
+//! New tickets number above every live one, so a ticket's name is never reused while
+//! anybody may still wait on it. The channel lock stays the sole authority for mutual
+//! exclusion: a fault here can cost order, never overlap.
+
+use anyhow::Context;
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+use std::fs::File;
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct QueueDir {
+    dir: OwnedFd,
+}
+
+/// This caller's place in the queue; its `LOCK_EX` is held while the value lives.
+pub struct Ticket {
+    pub seq: u64,
+    file: File,
+}
+
+/// Holds the registration lock until dropped.
+pub struct Registration<'a>(&'a QueueDir);
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(&self.0.dir, FlockOperation::Unlock);
+    }
+}
+
+fn ticket_name(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+impl QueueDir {
+    pub fn open(queues: &OwnedFd, stem: &str) -> anyhow::Result<QueueDir> {
+        let dir = super::subdir(queues, stem)
+            .with_context(|| format!("cannot open the queue folder queue/{stem}"))?;
+        Ok(QueueDir { dir })
+    }
+
+    /// Step 1; `None` if `blocking` is false and somebody else is registering.
+    pub fn register(&self, blocking: bool) -> rustix::io::Result<Option<Registration<'_>>> {
+        let op =
+            if blocking { FlockOperation::LockExclusive } else { FlockOperation::NonBlockingLockExclusive };
+        match rustix::fs::flock(&self.dir, op) {
+            Ok(()) => Ok(Some(Registration(self))),
+            Err(Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ticket numbers present in the folder, ascending (live or not yet cleaned).
+    pub fn tickets(&self) -> rustix::io::Result<Vec<u64>> {
+        let mut dir = rustix::fs::Dir::read_from(&self.dir)?;
+        let mut seqs = Vec::new();
+        while let Some(entry) = dir.read() {
+            let entry = entry?;
+            if let Some(seq) = entry.file_name().to_str().ok().and_then(|n| n.parse::<u64>().ok()) {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        Ok(seqs)
+    }
+
+    /// Step 2, under the registration lock: drops dead tickets from the top down until
+    /// a live one is found; returns the tickets left (a dead one below a live one is
+    /// left for its successor to clean) and whether the highest of them is live.
+    pub fn live_top(&self, _reg: &Registration) -> rustix::io::Result<(Vec<u64>, bool)> {
+        let mut seqs = self.tickets()?;
+        while let Some(&top) = seqs.last() {
+            if self.is_live(top)? {
+                return Ok((seqs, true));
+            }
+            seqs.pop();
+        }
+        Ok((seqs, false))
+    }
+
+    /// Whether `seq`'s owner still holds it; a dead ticket is unlinked.
+    fn is_live(&self, seq: u64) -> rustix::io::Result<bool> {
+        let name = ticket_name(seq);
+        let fd = match rustix::fs::openat(
+            &self.dir,
+            &name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                self.unlink_if_same(&name, &fd);
+                Ok(false)
+            }
+            Err(Errno::WOULDBLOCK) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Step 3's ticket: numbered above every ticket present.
+    pub fn take_ticket(&self, _reg: &Registration, above: Option<u64>) -> anyhow::Result<Ticket> {
+        let seq = above.map_or(1, |s| s + 1);
+        let fd = rustix::fs::openat(
+            &self.dir,
+            ticket_name(seq),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .context("cannot create a queue ticket")?;
+        rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive)
+            .context("cannot lock a new queue ticket")?;
+        let mut file = File::from(fd);
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+        // Only `status` reads this; a failed write just shows an unknown waiter.
+        let _ = writeln!(file, "{} {}", std::process::id(), since);
+        Ok(Ticket { seq, file })
+    }
+
+    /// The highest ticket below `seq`, if any.
+    pub fn predecessor(&self, seq: u64) -> rustix::io::Result<Option<u64>> {
+        Ok(self.tickets()?.into_iter().rev().find(|&s| s < seq))
+    }
+
+    /// Step 4: blocks until `seq`'s owner is gone, then removes its ticket.
+    pub fn wait_for(&self, seq: u64) -> rustix::io::Result<()> {
+        let name = ticket_name(seq);
+        let fd = match rustix::fs::openat(
+            &self.dir,
+            &name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        loop {
+            match rustix::fs::flock(&fd, FlockOperation::LockShared) {
+                Err(Errno::INTR) => continue,
+                other => other?,
+            }
+            break;
+        }
+        self.unlink_if_same(&name, &fd);
+        Ok(())
+    }
+
+    /// Step 6.
+    pub fn leave(&self, ticket: Ticket) {
+        self.unlink_if_same(&ticket_name(ticket.seq), &ticket.file);
+    }
+
+    fn unlink_if_same(&self, name: &str, fd: impl AsFd) {
+        let (Ok(open), Ok(named)) =
+            (rustix::fs::fstat(&fd), rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW))
+        else {
+            return;
+        };
+        if (open.st_dev, open.st_ino) == (named.st_dev, named.st_ino) {
+            let _ = rustix::fs::unlinkat(&self.dir, name, AtFlags::empty());
+        }
+    }
+}

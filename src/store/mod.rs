@@ -1,0 +1,95 @@
+//! Where locks, queues, state and holder introspection live, behind one interface:
+//! `Store` hands out a `Lease` (the channel's lock, held) in queue order. The local
+//! store (files under the state directory) is the default; a store is chosen once at
+//! start-up and the commands never look behind the trait.
+
+pub mod local;
+
+use crate::channel::Channel;
+use crate::control::Control;
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long a caller is willing to wait for a busy channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    Forever,
+    No,
+    Until(Instant),
+}
+
+/// Why no lease was handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    /// The channel stayed busy (`--no-wait`, or the `--wait` deadline passed).
+    #[error("the channel is busy")]
+    Busy,
+    /// A forwarded signal arrived while waiting; nothing ran.
+    #[error("interrupted by signal {0} while waiting")]
+    Interrupted(i32),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Shown once when a caller has to wait.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WaitNote {
+    pub holder_pid: Option<u32>,
+    pub held_for: Option<Duration>,
+    /// Callers queued ahead of this one (the holder not counted).
+    pub ahead: usize,
+}
+
+/// Who holds a channel, as recorded for `status` and for the next holder.
+#[derive(Clone, Debug)]
+pub struct Holder<'a> {
+    pub pid: u32,
+    pub started_at: SystemTime,
+    pub command: &'a [OsString],
+    /// Clock ticks since boot just before the command is forked.
+    pub spawn_ticks: u64,
+}
+
+pub trait Store {
+    /// Joins the channel's queue and returns once this caller holds the channel, the
+    /// wait is given up, or a forwarded signal arrives (seen through `control`). Before
+    /// returning a lease it has killed what is left of a previous holder's command.
+    fn acquire(
+        &self,
+        channel: &Channel,
+        wait: Wait,
+        control: &Control,
+        on_wait: &mut dyn FnMut(&WaitNote),
+    ) -> Result<Box<dyn Lease>, AcquireError>;
+}
+
+/// A held channel. Dropping it releases the lock but leaves the holder record, as a
+/// crash would: the next holder then checks for leftovers. `release` is the clean end.
+pub trait Lease {
+    /// Records the holder before the command is started.
+    fn announce(&mut self, holder: &Holder) -> anyhow::Result<()>;
+    /// Where the command writes its own pid into the record before `exec`, if the
+    /// store can take such a write: (fd, offset, width).
+    fn pid_slot(&self) -> Option<(RawFd, u64, usize)>;
+    /// The command was forked and exec'd: `ticks` bounds its start time from above.
+    fn command_started(&mut self, pid: u32, ticks: u64);
+    /// The clean end: the command is gone; clears the holder record and unlocks.
+    fn release(self: Box<Self>) -> anyhow::Result<()>;
+}
+
+/// The store for this invocation: the local state directory (`--state-dir`, else the
+/// platform's per-user state directory).
+pub fn open(state_dir: Option<&std::path::Path>) -> anyhow::Result<Box<dyn Store>> {
+    let dir = match state_dir {
+        Some(dir) => dir.to_owned(),
+        None => default_state_dir()?,
+    };
+    Ok(Box::new(local::LocalStore::open(&dir)?))
+}
+
+fn default_state_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dirs = directories::ProjectDirs::from("", "", "chan-run")
+        .ok_or_else(|| anyhow::anyhow!("cannot find your home directory; pass --state-dir DIR"))?;
+    Ok(dirs.state_dir().unwrap_or_else(|| dirs.data_local_dir()).to_owned())
+}

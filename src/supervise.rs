@@ -1,0 +1,191 @@
+//! Running the command: its own process group, stdout and stderr through the pumps,
+//! the timeout and forwarded signals, and the reap.
+//!
+//! Stopping is staged (timeout, or SIGINT/SIGTERM/SIGHUP to chan-run): the signal goes
+//! to the whole group (with SIGCONT, so a stopped command can act on it), then the grace
+//! of `--kill-after`, then SIGKILL to the group. The leader is watched with `waitid(...,
+//! WNOWAIT)`: as a zombie it still reserves the group's id, so when a stopped leader
+//! exits, what is left of its group is killed at once and only then is the leader reaped.
+//! chan-run so returns within timeout + kill-after + the 1 s output drain, whatever the
+//! descendants do. A command that exits on its own leaves its group alone.
+
+use crate::control::Control;
+use crate::pump::{Pump, Tail};
+use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
+use std::ffi::OsString;
+use std::io;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long after the command's exit its output may still drain.
+const DRAIN: Duration = Duration::from_millis(500);
+/// How long a SIGKILLed leader may take to become reapable before chan-run moves on.
+const REAP_AFTER_KILL: Duration = Duration::from_millis(400);
+/// The tail of stdout kept for the session id.
+pub const TAIL_CAP: usize = 4 * 1024 * 1024;
+
+pub struct Plan<'a> {
+    pub command: &'a [OsString],
+    pub env: Vec<(&'static str, OsString)>,
+    pub timeout: Option<Duration>,
+    pub kill_after: Duration,
+    pub take_terminal: bool,
+    pub setup: crate::sys::ChildSetup,
+    pub tail_cap: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Timeout,
+    Signal(i32),
+}
+
+#[derive(Debug)]
+pub enum Ending {
+    /// It ran and ended; `stop` says whether chan-run stopped it. `status` is `None` only
+    /// if it could not be reaped in time after SIGKILL.
+    Ran {
+        status: Option<ExitStatus>,
+        stop: Option<Stop>,
+    },
+    SpawnFailed(io::Error),
+}
+
+pub struct Finished {
+    pub ending: Ending,
+    pub duration: Duration,
+    pub stdout: Tail,
+}
+
+pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Finished {
+    let started = Instant::now();
+    let mut command = Command::new(&plan.command[0]);
+    command
+        .args(&plan.command[1..])
+        .envs(plan.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    crate::sys::set_child_setup(&mut command, plan.setup);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return Finished {
+                ending: Ending::SpawnFailed(e),
+                duration: started.elapsed(),
+                stdout: Tail::new(0),
+            };
+        }
+    };
+    on_spawn(child.id());
+    let (exit_rx, exit_tx) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+        Ok((r, w)) => (Arc::new(r), Some(w)),
+        Err(_) => unreachable_pipe(),
+    };
+    let pumps = [
+        child.stdout.take().map(|s| (s.into(), 1, plan.tail_cap)),
+        child.stderr.take().map(|s| (s.into(), 2, 0)),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|(fd, dst, cap)| Some(Pump::start(fd, dst, cap, Arc::clone(&exit_rx), control.waker().ok()?)))
+    .collect::<Vec<_>>();
+
+    let (status, stop) = supervise(&mut child, &plan, control, started);
+    if plan.take_terminal {
+        take_terminal_back();
+    }
+    drop(exit_tx); // tells the pumps the command is gone
+    let drain_until = Instant::now() + DRAIN;
+    while pumps.iter().any(|p| !p.is_done()) && Instant::now() < drain_until {
+        let _ = control.wait(Some(drain_until));
+    }
+    let stdout = pumps
+        .first()
+        .and_then(|p| p.tail.lock().ok().map(|mut t| std::mem::take(&mut *t)))
+        .unwrap_or_default();
+    pumps.into_iter().for_each(Pump::finish);
+    Finished { ending: Ending::Ran { status, stop }, duration: started.elapsed(), stdout }
+}
+
+fn unreachable_pipe() -> ! {
+    eprintln!("chan-run: cannot create a pipe (out of file descriptors?)");
+    std::process::exit(i32::from(crate::exit_code::CHAN_RUN_FAILED))
+}
+
+fn supervise(
+    child: &mut Child,
+    plan: &Plan,
+    control: &Control,
+    started: Instant,
+) -> (Option<ExitStatus>, Option<Stop>) {
+    let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
+    let mut term_at = plan.timeout.filter(|t| !t.is_zero()).map(|t| started + t);
+    let mut kill_at: Option<Instant> = None;
+    let mut killed_at: Option<Instant> = None;
+    let mut stop = None;
+    loop {
+        if leader_exited(pid) {
+            if stop.is_some() {
+                // The grace ends when the leader does; its group goes with it.
+                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            }
+            return (child.wait().ok(), stop);
+        }
+        let now = Instant::now();
+        if let Some(sig) = control.take_signal() {
+            signal_group(pid, sig);
+            stop.get_or_insert(Stop::Signal(sig));
+            kill_at.get_or_insert(now + plan.kill_after);
+        }
+        if term_at.is_some_and(|t| now >= t) {
+            term_at = None;
+            if stop.is_none() {
+                signal_group(pid, libc::SIGTERM);
+                stop = Some(Stop::Timeout);
+                kill_at.get_or_insert(now + plan.kill_after);
+            }
+        }
+        if kill_at.is_some_and(|t| now >= t) {
+            kill_at = None;
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            killed_at = Some(now);
+        }
+        if killed_at.is_some_and(|t| now >= t + REAP_AFTER_KILL) {
+            return (None, stop); // stuck in the kernel; the process exits without it
+        }
+        let next = [term_at.filter(|_| stop.is_none()), kill_at, killed_at.map(|t| t + REAP_AFTER_KILL)]
+            .into_iter()
+            .flatten()
+            .min();
+        let _ = control.wait(next);
+    }
+}
+
+/// Whether the leader has exited, without reaping it (so its group id stays reserved).
+fn leader_exited(pid: Pid) -> bool {
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    matches!(rustix::process::waitid(WaitId::Pid(pid), options), Ok(Some(_)) | Err(_))
+}
+
+fn signal_group(pid: Pid, sig: i32) {
+    if let Some(sig) = Signal::from_named_raw(sig) {
+        let _ = rustix::process::kill_process_group(pid, sig);
+        let _ = rustix::process::kill_process_group(pid, Signal::CONT);
+    }
+}
+
+/// Whether the command should get the terminal: stdin is one and chan-run's group is
+/// its foreground group (a backgrounded chan-run must not steal it from the shell).
+pub fn should_take_terminal() -> bool {
+    let stdin = rustix::stdio::stdin();
+    rustix::termios::isatty(stdin)
+        && rustix::termios::tcgetpgrp(stdin).is_ok_and(|fg| fg == rustix::process::getpgrp())
+}
+
+fn take_terminal_back() {
+    let _blocked = crate::sys::SigttouBlocked::new();
+    let _ = rustix::termios::tcsetpgrp(rustix::stdio::stdin(), rustix::process::getpgrp());
+}
