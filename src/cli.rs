@@ -23,6 +23,31 @@ pub struct Cli {
 pub enum Command {
     /// Run COMMAND holding CHANNEL's lock; waits its turn if the channel is busy.
     Run(RunArgs),
+    /// Show every channel (or those named): running or idle, holder, queue, session, last run.
+    Status(StatusArgs),
+    /// Forget CHANNEL's session id, so its next run starts a fresh conversation.
+    Reset(ResetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only these channels
+    #[arg(value_name = "CHANNEL")]
+    pub channels: Vec<String>,
+
+    /// Print JSON (`{"version": 1, "channels": [...]}`) instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The channel whose session id to forget
+    #[arg(value_name = "CHANNEL")]
+    pub channel: String,
+
+    #[command(flatten)]
+    pub wait: WaitArgs,
 }
 
 /// How long to wait for a busy channel, and what to exit with if it stays busy.
@@ -58,6 +83,22 @@ pub struct RunArgs {
     #[command(flatten)]
     pub wait: WaitArgs,
 
+    /// When the channel has a stored session id, append `FLAG ID` to the command (e.g. --session-arg=--resume)
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    pub session_arg: Option<OsString>,
+
+    /// JSON pointer of the session id in the command's JSON output
+    #[arg(long, value_name = "PTR", default_value = "/session_id", value_parser = crate::session::parse_pointer)]
+    pub session_key: String,
+
+    /// Neither pass (no flag, no CHAN_RUN_SESSION_ID) nor record a session id
+    #[arg(long, conflicts_with = "session_arg")]
+    pub no_session: bool,
+
+    /// After N failures in a row, drop the stored session id
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fresh_after: Option<u64>,
+
     /// No notes of chan-run's own on stderr (errors still print)
     #[arg(short, long)]
     pub quiet: bool,
@@ -80,7 +121,7 @@ mod tests {
     #[test]
     fn command_keeps_its_own_flags() {
         let cli = Cli::try_parse_from(["chan-run", "run", "-c", "x", "--", "ls", "-t", "--help"]).unwrap();
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else { panic!("not a run") };
         assert_eq!(run.command, ["ls", "-t", "--help"]);
         assert_eq!(run.timeout, Duration::from_secs(300));
     }

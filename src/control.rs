@@ -15,6 +15,8 @@ use std::time::Instant;
 pub const FORWARDED: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
 
 pub struct Control {
+    /// chan-run ignores SIGXFSZ itself; its command must get the default back.
+    pub sigxfsz_changed: bool,
     rx: UnixStream,
     tx: UnixStream,
     signal: Arc<AtomicUsize>,
@@ -46,7 +48,8 @@ impl Control {
             signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
         }
         signal_hook::low_level::pipe::register(SIGCHLD, tx.try_clone()?)?;
-        Ok(Control { rx, tx, signal })
+        let sigxfsz_changed = crate::sys::ignore_sigxfsz();
+        Ok(Control { sigxfsz_changed, rx, tx, signal })
     }
 
     pub fn waker(&self) -> io::Result<Waker> {

@@ -1,6 +1,15 @@
 //! chan-run: run one command per channel at a time. `main` parses, dispatches, and
 //! turns the outcome into an exit code, printing an error once.
 
+/// Writes a line to stderr and ignores failure: a full disk or closed pipe on stderr
+/// must never turn into a panic (exit 101) that hides the command's status.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod channel;
 mod cli;
 mod cmd;
@@ -10,6 +19,8 @@ mod exit_code;
 mod orphans;
 mod procfs;
 mod pump;
+mod session;
+mod state;
 mod store;
 mod supervise;
 mod sys;
@@ -25,17 +36,25 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("chan-run: {e:#}");
+            say!("chan-run: {e:#}");
             ExitCode::from(exit_code::CHAN_RUN_FAILED)
         }
     }
 }
 
 fn run(cli: cli::Cli) -> anyhow::Result<u8> {
+    let dir = cli.state_dir.as_deref();
+    if let cli::Command::Status(args) = cli.command {
+        // `status` creates nothing: with no state directory yet there is nothing to list.
+        let store = store::open_existing(dir)?;
+        return cmd::status::status(store.as_deref(), args);
+    }
     let control = control::Control::install()?;
-    let store = store::open(cli.state_dir.as_deref())?;
+    let store = store::open(dir)?;
     match cli.command {
         cli::Command::Run(args) => cmd::run::run(store.as_ref(), args, &control),
+        cli::Command::Reset(args) => cmd::reset::reset(store.as_ref(), args, &control),
+        cli::Command::Status(_) => unreachable!("handled above"),
     }
 }
 
@@ -52,6 +71,11 @@ fn usage_error(e: clap::Error) -> ExitCode {
         text.lines().map(str::trim).take_while(|l| !l.is_empty() && !l.starts_with("Usage:")).collect();
     let message = message.join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
-    eprintln!("chan-run: {message}; see 'chan-run --help'");
+    say!("chan-run: {message}; see 'chan-run --help'");
     ExitCode::from(exit_code::CHAN_RUN_FAILED)
+}
+
+/// A note about chan-run's own bookkeeping; printed even with `--quiet`, as it is news.
+pub fn warn(message: impl std::fmt::Display) {
+    say!("chan-run: warning: {message}");
 }

@@ -27,7 +27,7 @@ pub const TAIL_CAP: usize = 4 * 1024 * 1024;
 
 pub struct Plan<'a> {
     pub command: &'a [OsString],
-    pub env: Vec<(&'static str, OsString)>,
+    pub env: Vec<(&'static str, Option<OsString>)>,
     pub timeout: Option<Duration>,
     pub kill_after: Duration,
     pub take_terminal: bool,
@@ -61,12 +61,14 @@ pub struct Finished {
 pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Finished {
     let started = Instant::now();
     let mut command = Command::new(&plan.command[0]);
-    command
-        .args(&plan.command[1..])
-        .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.args(&plan.command[1..]);
+    for (key, value) in &plan.env {
+        match value {
+            Some(v) => command.env(key, v),
+            None => command.env_remove(key),
+        };
+    }
+    command.stdin(Stdio::inherit()).stdout(Stdio::piped()).stderr(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     crate::sys::set_child_setup(&mut command, plan.setup);
     let mut child = match command.spawn() {
@@ -111,7 +113,7 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
 }
 
 fn unreachable_pipe() -> ! {
-    eprintln!("chan-run: cannot create a pipe (out of file descriptors?)");
+    say!("chan-run: cannot create a pipe (out of file descriptors?)");
     std::process::exit(i32::from(crate::exit_code::CHAN_RUN_FAILED))
 }
 

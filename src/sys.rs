@@ -18,6 +18,18 @@ pub fn signal_is_ignored(sig: i32) -> bool {
     rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
 }
 
+/// Ignores SIGXFSZ in chan-run if it has the default action, so a file-size limit hit
+/// while recording gives `EFBIG` (a warning; the command's status is kept) rather than
+/// killing chan-run with the lock's record half done. Returns whether it changed it;
+/// the command then gets the default action back (`ChildSetup::default_sigxfsz`).
+pub fn ignore_sigxfsz() -> bool {
+    if signal_is_ignored(libc::SIGXFSZ) {
+        return false;
+    }
+    // SAFETY: setting SIG_IGN installs no handler code; nothing else in chan-run uses SIGXFSZ.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) != libc::SIG_ERR }
+}
+
 /// Blocks SIGTTOU in the calling thread while alive, so a background process group may
 /// take the terminal back with `tcsetpgrp` (the kernel would stop it otherwise).
 pub struct SigttouBlocked {
@@ -57,6 +69,8 @@ pub struct ChildSetup {
     pub pid_slot: Option<(RawFd, u64, usize)>,
     /// Make the command's new process group the terminal's foreground group.
     pub take_terminal: bool,
+    /// Give SIGXFSZ its default action back (chan-run ignores it for itself).
+    pub default_sigxfsz: bool,
 }
 
 /// Installs `setup` to run in the child before `exec`, after std has put it in its
@@ -80,6 +94,10 @@ pub fn set_child_setup(command: &mut Command, setup: ChildSetup) {
                 rustix::io::pwrite(fd, &buf[..width], offset)?;
             }
         }
+        if setup.default_sigxfsz {
+            // SAFETY: sigaction (behind signal) is async-signal-safe; SIG_DFL runs no code.
+            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_DFL) };
+        }
         if setup.take_terminal {
             let _blocked = SigttouBlocked::new();
             // SAFETY: fd 0 is the terminal the parent checked; it stays open in the child.
@@ -90,7 +108,7 @@ pub fn set_child_setup(command: &mut Command, setup: ChildSetup) {
     };
     // SAFETY: the hook runs in the forked child, where only async-signal-safe calls are
     // allowed: it makes raw system calls (prctl, getppid, getpid, pwrite, tcsetpgrp,
-    // pthread_sigmask) through rustix/libc, formats into a stack buffer, and neither
+    // pthread_sigmask, sigaction) through rustix/libc, formats into a stack buffer, and neither
     // allocates nor takes a lock.
     unsafe {
         command.pre_exec(hook);

@@ -1,1 +1,47 @@
+pub mod reset;
 pub mod run;
+pub mod status;
+
+use crate::channel::Channel;
+use crate::cli::WaitArgs;
+use crate::control::Control;
+use crate::exit_code;
+use crate::store::{AcquireError, Lease, Store, Wait, WaitNote};
+use std::io::IsTerminal;
+use std::time::Instant;
+
+/// Queues for `channel` as `args` says; `Err(code)` when the caller must exit with it
+/// (busy, or interrupted while waiting: then nothing ran).
+pub fn acquire(
+    store: &dyn Store,
+    channel: &Channel,
+    args: &WaitArgs,
+    quiet: bool,
+    control: &Control,
+) -> anyhow::Result<Result<Box<dyn Lease>, u8>> {
+    let wait = match (args.no_wait, args.wait) {
+        (true, _) => Wait::No,
+        (false, Some(d)) => Wait::Until(Instant::now() + d),
+        (false, None) => Wait::Forever,
+    };
+    let mut on_wait = |note: &WaitNote| {
+        if !quiet && std::io::stderr().is_terminal() {
+            say!("chan-run: {}", waiting_line(channel, note));
+        }
+    };
+    match store.acquire(channel, wait, control, &mut on_wait) {
+        Ok(lease) => Ok(Ok(lease)),
+        Err(AcquireError::Busy) => Ok(Err(args.conflict_exit_code)),
+        Err(AcquireError::Interrupted(sig)) => Ok(Err(exit_code::from_signal(sig))),
+        Err(AcquireError::Failed(e)) => Err(e),
+    }
+}
+
+fn waiting_line(channel: &Channel, note: &WaitNote) -> String {
+    let holder = match (note.holder_pid, note.held_for) {
+        (Some(pid), Some(d)) => format!("held by pid {pid} for {}", crate::duration::short(d)),
+        (Some(pid), None) => format!("held by pid {pid}"),
+        _ => "held".to_owned(),
+    };
+    format!("waiting for channel {channel} ({holder}; {} ahead)", note.ahead)
+}

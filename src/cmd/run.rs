@@ -1,16 +1,17 @@
-//! `chan-run run`: validate, queue for the channel, run the command holding its lock,
-//! (record the run,) release, and exit with the command's status.
+//! `chan-run run`: validate, queue for the channel, read its session, run the command
+//! holding the lock, record the run, release, and exit with the command's status.
 
 use crate::channel::Channel;
 use crate::cli::RunArgs;
 use crate::control::Control;
 use crate::exit_code;
-use crate::store::{AcquireError, Holder, Store, Wait, WaitNote};
-use crate::supervise::{self, Ending, Plan, Stop};
+use crate::state::{LastRun, Outcome, RunResult};
+use crate::store::{Holder, Store};
+use crate::supervise::{self, Ending, Finished, Plan, Stop};
 use anyhow::bail;
 use std::ffi::OsString;
-use std::io::IsTerminal;
-use std::time::{Instant, SystemTime};
+use std::os::unix::process::ExitStatusExt;
+use std::time::SystemTime;
 
 /// Names the channels held by chan-run ancestors of a command: lines of `<pid> <channel>`.
 pub const HELD_ENV: &str = "CHAN_RUN_HELD";
@@ -18,34 +19,35 @@ pub const HELD_ENV: &str = "CHAN_RUN_HELD";
 pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Result<u8> {
     let channel = Channel::new(&args.channel)?;
     refuse_self_deadlock(&channel)?;
-    let wait = wait_mode(&args.wait);
-    let quiet = args.quiet;
-    let mut on_wait = |note: &WaitNote| {
-        if !quiet && std::io::stderr().is_terminal() {
-            eprintln!("chan-run: {}", waiting_line(&channel, note));
-        }
-    };
-    let mut lease = match store.acquire(&channel, wait, control, &mut on_wait) {
+    let mut lease = match super::acquire(store, &channel, &args.wait, args.quiet, control)? {
         Ok(lease) => lease,
-        Err(AcquireError::Busy) => return Ok(args.wait.conflict_exit_code),
-        Err(AcquireError::Interrupted(sig)) => return Ok(exit_code::from_signal(sig)),
-        Err(AcquireError::Failed(e)) => return Err(e),
+        Err(code) => return Ok(code),
     };
+    let record = lease.record()?;
+    let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
+    let session = record.session_id.filter(|_| !args.no_session);
+    if let (Some(_), Some(made_in), Some(here)) = (&session, &record.session_cwd, &cwd)
+        && made_in != here
+    {
+        crate::warn(format!(
+            "channel {channel}'s session was made in {made_in}, this run is in {here}; the model may not find it"
+        ));
+    }
 
+    let mut command = args.command.clone();
+    if let (Some(flag), Some(id)) = (&args.session_arg, &session) {
+        command.extend([flag.clone(), OsString::from(id)]);
+    }
+    let started_at = SystemTime::now();
     let me = std::process::id();
-    let holder = Holder {
-        pid: me,
-        started_at: SystemTime::now(),
-        command: &args.command,
-        spawn_ticks: crate::procfs::now_ticks(),
-    };
+    let holder = Holder { pid: me, started_at, command: &command, spawn_ticks: crate::procfs::now_ticks() };
     if let Err(e) = lease.announce(&holder) {
-        warn(&format!("cannot record the holder ({e:#}); running anyway"));
+        crate::warn(format!("cannot record the holder ({e:#}); running anyway"));
     }
     let take_terminal = supervise::should_take_terminal();
     let plan = Plan {
-        command: &args.command,
-        env: command_env(&channel, me),
+        command: &command,
+        env: command_env(&channel, me, session.as_deref()),
         timeout: Some(args.timeout).filter(|t| !t.is_zero()),
         kill_after: args.kill_after,
         take_terminal,
@@ -53,58 +55,84 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
             parent: rustix::process::getpid(),
             pid_slot: lease.pid_slot(),
             take_terminal,
+            default_sigxfsz: control.sigxfsz_changed,
         },
-        tail_cap: 0,
+        tail_cap: if args.no_session { 0 } else { supervise::TAIL_CAP },
     };
-    let finished =
+    let mut finished =
         supervise::run(plan, control, &mut |pid| lease.command_started(pid, crate::procfs::now_ticks()));
 
-    // The run's record (active.json) is written here, before the lock is released.
-    let code = match &finished.ending {
+    let (code, last_run) = conclude(&finished, started_at);
+    match &finished.ending {
         Ending::SpawnFailed(e) => {
-            eprintln!("chan-run: cannot run {}: {}", shown(&args.command[0]), spawn_hint(e));
-            exit_code::from_spawn_error(e)
+            say!("chan-run: cannot run {}: {}", shown(&command[0]), spawn_hint(e));
         }
-        Ending::Ran { stop: Some(Stop::Signal(sig)), .. } => exit_code::from_signal(*sig),
-        Ending::Ran { stop: Some(Stop::Timeout), .. } => {
-            if !quiet {
-                eprintln!(
-                    "chan-run: {} timed out after {}; stopped it",
-                    shown(&args.command[0]),
-                    crate::duration::short(args.timeout)
-                );
-            }
-            exit_code::TIMED_OUT
+        Ending::Ran { stop: Some(Stop::Timeout), .. } if !args.quiet => say!(
+            "chan-run: {} timed out after {}; stopped it",
+            shown(&command[0]),
+            crate::duration::short(args.timeout)
+        ),
+        _ => {}
+    }
+    let new_session = match args.no_session {
+        true => None,
+        false => {
+            let (tail, whole) = finished.stdout.contents();
+            crate::session::find(tail, whole, &args.session_key)
         }
-        Ending::Ran { status: Some(status), stop: None } => exit_code::from_status(*status),
-        Ending::Ran { status: None, stop: None } => exit_code::CHAN_RUN_FAILED,
     };
+    let result = RunResult { last_run, new_session, cwd, fresh_after: args.fresh_after };
+    // Recorded before the lock is released; a failure here must not change the exit
+    // status: the command ran, and a bot must not send the message again.
+    if let Err(e) = lease.update(&mut |r| r.apply(result.clone())) {
+        crate::warn(format!("the run was not recorded in active.json ({e:#}); exit status kept"));
+    }
     if let Err(e) = lease.release() {
-        warn(&format!("{e:#}"));
+        crate::warn(format!("{e:#}"));
     }
     Ok(code)
 }
 
-fn wait_mode(args: &crate::cli::WaitArgs) -> Wait {
-    match (args.no_wait, args.wait) {
-        (true, _) => Wait::No,
-        (false, Some(d)) => Wait::Until(Instant::now() + d),
-        (false, None) => Wait::Forever,
-    }
+/// The exit code and the record of a finished run.
+fn conclude(finished: &Finished, started_at: SystemTime) -> (u8, LastRun) {
+    let (code, outcome, exit_code, signal) = match &finished.ending {
+        Ending::SpawnFailed(e) => (exit_code::from_spawn_error(e), Outcome::SpawnFailed, None, None),
+        Ending::Ran { status, stop } => {
+            let exit = status.and_then(|s| s.code());
+            let signal = status.map_or(Some(libc::SIGKILL), |s| s.signal());
+            match stop {
+                Some(Stop::Timeout) => (exit_code::TIMED_OUT, Outcome::TimedOut, exit, signal),
+                Some(Stop::Signal(sig)) => (exit_code::from_signal(*sig), Outcome::Interrupted, exit, signal),
+                None => match status {
+                    Some(s) if s.success() => (0, Outcome::Ok, exit, None),
+                    Some(s) if s.signal().is_some() => {
+                        (exit_code::from_status(*s), Outcome::Signaled, None, signal)
+                    }
+                    Some(s) => (exit_code::from_status(*s), Outcome::Failed, exit, None),
+                    None => (exit_code::CHAN_RUN_FAILED, Outcome::Failed, None, signal),
+                },
+            }
+        }
+    };
+    let last_run = LastRun {
+        started_at: rfc3339(started_at),
+        finished_at: rfc3339(SystemTime::now()),
+        duration_ms: finished.duration.as_millis() as u64,
+        exit_code,
+        signal,
+        outcome,
+        extra: Default::default(),
+    };
+    (code, last_run)
 }
 
-fn waiting_line(channel: &Channel, note: &WaitNote) -> String {
-    let holder = match (note.holder_pid, note.held_for) {
-        (Some(pid), Some(d)) => format!("held by pid {pid} for {}", crate::duration::short(d)),
-        (Some(pid), None) => format!("held by pid {pid}"),
-        _ => "held".to_owned(),
-    };
-    format!("waiting for channel {channel} ({holder}; {} ahead)", note.ahead)
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// A chan-run started inside a command for the channel that command's ancestor holds
 /// would wait for its own ancestor forever.
-fn refuse_self_deadlock(channel: &Channel) -> anyhow::Result<()> {
+pub fn refuse_self_deadlock(channel: &Channel) -> anyhow::Result<()> {
     let Some(held) = std::env::var_os(HELD_ENV) else { return Ok(()) };
     let held = held.to_string_lossy();
     for line in held.lines() {
@@ -119,13 +147,17 @@ fn refuse_self_deadlock(channel: &Channel) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn command_env(channel: &Channel, me: u32) -> Vec<(&'static str, OsString)> {
+fn command_env(channel: &Channel, me: u32, session: Option<&str>) -> Vec<(&'static str, Option<OsString>)> {
     let mut held = std::env::var_os(HELD_ENV).map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     if !held.is_empty() && !held.ends_with('\n') {
         held.push('\n');
     }
     held.push_str(&format!("{me} {}", channel.name()));
-    vec![("CHAN_RUN_CHANNEL", channel.name().into()), (HELD_ENV, held.into())]
+    vec![
+        ("CHAN_RUN_CHANNEL", Some(channel.name().into())),
+        ("CHAN_RUN_SESSION_ID", session.map(OsString::from)),
+        (HELD_ENV, Some(held.into())),
+    ]
 }
 
 fn shown(program: &OsString) -> String {
@@ -138,9 +170,4 @@ fn spawn_hint(e: &std::io::Error) -> String {
         std::io::ErrorKind::PermissionDenied => format!("{e} (is it executable?)"),
         _ => e.to_string(),
     }
-}
-
-/// Warnings about chan-run's own bookkeeping print even with `--quiet`: they are news.
-fn warn(message: &str) {
-    eprintln!("chan-run: warning: {message}");
 }

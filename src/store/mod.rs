@@ -7,6 +7,7 @@ pub mod local;
 
 use crate::channel::Channel;
 use crate::control::Control;
+use crate::state::ChannelRecord;
 use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant, SystemTime};
@@ -51,7 +52,37 @@ pub struct Holder<'a> {
     pub spawn_ticks: u64,
 }
 
+/// What `status` shows of one channel.
+#[derive(Clone, Debug, Default)]
+pub struct ChannelStatus {
+    pub channel: String,
+    /// Held, or mid-hand-off with callers queued.
+    pub running: bool,
+    pub holder: Option<HolderView>,
+    /// Live queued callers in queue order (never the holder).
+    pub queue: Vec<Waiter>,
+    pub record: Option<ChannelRecord>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct HolderView {
+    pub pid: Option<u32>,
+    pub command_pid: Option<u32>,
+    pub started_at: Option<String>,
+    pub command: Vec<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Waiter {
+    pub pid: Option<u32>,
+    pub since: Option<String>,
+}
+
 pub trait Store {
+    /// Every known channel (or the ones named), without taking or joining anything:
+    /// never blocks behind a run, never makes a concurrent run fail.
+    fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)>;
+
     /// Joins the channel's queue and returns once this caller holds the channel, the
     /// wait is given up, or a forwarded signal arrives (seen through `control`). Before
     /// returning a lease it has killed what is left of a previous holder's command.
@@ -74,6 +105,10 @@ pub trait Lease {
     fn pid_slot(&self) -> Option<(RawFd, u64, usize)>;
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
+    /// The channel's stored record (a damaged state file is moved aside, with a warning).
+    fn record(&self) -> anyhow::Result<ChannelRecord>;
+    /// Changes the channel's record in the serialized read-modify-write.
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()>;
     /// The clean end: the command is gone; clears the holder record and unlocks.
     fn release(self: Box<Self>) -> anyhow::Result<()>;
 }
@@ -86,6 +121,18 @@ pub fn open(state_dir: Option<&std::path::Path>) -> anyhow::Result<Box<dyn Store
         None => default_state_dir()?,
     };
     Ok(Box::new(local::LocalStore::open(&dir)?))
+}
+
+/// The store if its state directory exists; `None` if there is none yet.
+pub fn open_existing(state_dir: Option<&std::path::Path>) -> anyhow::Result<Option<Box<dyn Store>>> {
+    let dir = match state_dir {
+        Some(dir) => dir.to_owned(),
+        None => default_state_dir()?,
+    };
+    if !dir.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Box::new(local::LocalStore::open(&dir)?)))
 }
 
 fn default_state_dir() -> anyhow::Result<std::path::PathBuf> {

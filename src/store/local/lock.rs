@@ -199,6 +199,34 @@ fn capped(command: &[OsString]) -> Vec<String> {
     out
 }
 
+/// Opens an existing lock file for reading only (for `status`), with its identity.
+pub fn open_existing(locks: &OwnedFd, stem: &str) -> Option<(File, crate::procfs::FileId)> {
+    let fd = rustix::fs::openat(
+        locks,
+        format!("{stem}.lock"),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let id = crate::procfs::file_id(&rustix::fs::fstat(&fd).ok()?);
+    Some((File::from(fd), id))
+}
+
+/// The channel names recorded in the lock files (line 1 of each).
+pub fn names(locks: &OwnedFd) -> Vec<String> {
+    let Ok(mut dir) = rustix::fs::Dir::read_from(locks) else { return Vec::new() };
+    let mut names = Vec::new();
+    while let Some(Ok(entry)) = dir.read() {
+        let Some(stem) = entry.file_name().to_str().ok().and_then(|n| n.strip_suffix(".lock")) else {
+            continue;
+        };
+        if let Some(name) = open_existing(locks, stem).and_then(|(f, _)| read(&f).ok()?.name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,15 +11,19 @@
 
 mod lock;
 mod queue;
+mod state_file;
 
 use crate::channel::Channel;
 use crate::control::Control;
+use crate::state::ChannelRecord;
 use crate::store::{AcquireError, Holder, Lease, Store, Wait, WaitNote};
+use crate::store::{ChannelStatus, HolderView};
 use anyhow::{Context, anyhow, bail};
 use queue::{QueueDir, Ticket};
 use rustix::fd::{OwnedFd, RawFd};
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
+use state_file::{Loaded, StateFiles};
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -32,6 +36,7 @@ pub struct LocalStore {
 
 struct Inner {
     root: PathBuf,
+    dir: OwnedFd,
     locks: OwnedFd,
     queues: OwnedFd,
 }
@@ -65,25 +70,23 @@ impl LocalStore {
             subdir(&dir, "locks").with_context(|| format!("cannot use {}; remove it", named("locks")))?;
         let queues =
             subdir(&dir, "queue").with_context(|| format!("cannot use {}; remove it", named("queue")))?;
-        Ok(LocalStore { inner: Arc::new(Inner { root: root.to_owned(), locks, queues }) })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.inner.root
+        Ok(LocalStore { inner: Arc::new(Inner { root: root.to_owned(), dir, locks, queues }) })
     }
 }
 
 impl Inner {
+    fn state(&self) -> StateFiles<'_> {
+        StateFiles { dir: &self.dir, path: &self.root }
+    }
+
     /// Steps 1-3 of the queue protocol: the lock at once, busy, or a ticket.
     fn register(&self, queue: &QueueDir, channel: &Channel, blocking: bool) -> anyhow::Result<Registered> {
         let Some(reg) = queue.register(blocking).context("cannot lock the queue")? else {
             return Ok(Registered::Contended);
         };
         let (tickets, live) = queue.live_top(&reg).context("cannot read the queue")?;
-        if !live {
-            if let Some(file) = self.try_lock(channel)? {
-                return Ok(Registered::Held(file));
-            }
+        if !live && let Some(file) = self.try_lock(channel)? {
+            return Ok(Registered::Held(file));
         }
         let ticket = queue.take_ticket(&reg, tickets.last().copied())?;
         drop(reg);
@@ -138,7 +141,7 @@ impl Inner {
     }
 
     /// The held lock becomes a lease once the name is checked and leftovers are gone.
-    fn lease(&self, channel: &Channel, file: File) -> anyhow::Result<Box<dyn Lease>> {
+    fn lease(self: &Arc<Self>, channel: &Channel, file: File) -> anyhow::Result<Box<dyn Lease>> {
         let contents = lock::read(&file).context("cannot read the lock file")?;
         let header_len = lock::claim_name(&file, channel.name(), &contents)?;
         if let Some(left) = contents.record.as_ref().and_then(|r| r.leftover()) {
@@ -147,7 +150,49 @@ impl Inner {
         if contents.has_tail {
             file.set_len(header_len).context("cannot clear the previous holder record")?;
         }
-        Ok(Box::new(LocalLease { file, header_len, channel: channel.name().to_owned(), slots: None }))
+        Ok(Box::new(LocalLease {
+            file,
+            header_len,
+            channel: channel.name().to_owned(),
+            slots: None,
+            store: Arc::clone(self),
+        }))
+    }
+}
+
+impl Inner {
+    /// The channel's lock and queue as the kernel's lock table shows them. Where
+    /// there is no lock table, a holder record whose pid is alive counts as held.
+    fn observe(
+        &self,
+        channel: &Channel,
+        held: Option<&std::collections::HashMap<crate::procfs::FileId, u32>>,
+    ) -> ChannelStatus {
+        let mut status = ChannelStatus { channel: channel.name().to_owned(), ..Default::default() };
+        let Some((file, id)) = lock::open_existing(&self.locks, channel.stem()) else { return status };
+        let record = lock::read(&file).ok().and_then(|c| c.record);
+        let holder_pid = match held {
+            Some(table) => table.get(&id).copied(),
+            None => record.as_ref().map(|r| r.pid).filter(|&p| crate::procfs::is_alive(p)),
+        };
+        if holder_pid.is_some() {
+            status.running = true;
+            status.holder = Some(match record {
+                Some(r) => HolderView {
+                    pid: Some(r.pid),
+                    command_pid: r.command_pid,
+                    started_at: Some(r.started_at),
+                    command: r.command,
+                },
+                None => HolderView { pid: holder_pid.filter(|&p| p != 0), ..Default::default() },
+            });
+        }
+        if let Ok(queue) = QueueDir::open_existing(&self.queues, channel.stem()) {
+            status.queue =
+                queue.waiters(held).into_iter().filter(|w| w.pid.is_none() || w.pid != holder_pid).collect();
+        }
+        status.running |= !status.queue.is_empty();
+        status
     }
 }
 
@@ -164,6 +209,38 @@ enum Progress {
 }
 
 impl Store for LocalStore {
+    fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)> {
+        let inner = &self.inner;
+        let mut warnings = Vec::new();
+        let state = match inner.state().load()? {
+            Loaded::State(s) => s,
+            Loaded::Damaged(why) => {
+                warnings.push(format!(
+                    "{} is damaged ({why}); the next run will move it aside",
+                    inner.root.join("active.json").display()
+                ));
+                Default::default()
+            }
+        };
+        let held = crate::procfs::held_flocks();
+        let channels: Vec<Channel> = if only.is_empty() {
+            let mut names: std::collections::BTreeSet<String> = state.channels.keys().cloned().collect();
+            names.extend(lock::names(&inner.locks));
+            names.iter().filter_map(|n| Channel::new(n).ok()).collect()
+        } else {
+            only.to_vec()
+        };
+        let statuses = channels
+            .iter()
+            .map(|channel| {
+                let mut status = inner.observe(channel, held.as_ref());
+                status.record = state.channels.get(channel.name()).cloned();
+                status
+            })
+            .collect();
+        Ok((statuses, warnings))
+    }
+
     fn acquire(
         &self,
         channel: &Channel,
@@ -254,6 +331,7 @@ struct LocalLease {
     header_len: u64,
     channel: String,
     slots: Option<lock::Slots>,
+    store: Arc<Inner>,
 }
 
 impl Lease for LocalLease {
@@ -270,6 +348,21 @@ impl Lease for LocalLease {
         if let Some(slots) = self.slots {
             lock::write_spawned(&self.file, slots, pid, ticks);
         }
+    }
+
+    fn record(&self) -> anyhow::Result<ChannelRecord> {
+        let state = self.store.state().load_or_quarantine()?;
+        Ok(state.channels.get(&self.channel).cloned().unwrap_or_default())
+    }
+
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()> {
+        self.store.state().update(|state| {
+            let record = state.channels.entry(self.channel.clone()).or_default();
+            change(record);
+            if *record == ChannelRecord::default() {
+                state.channels.remove(&self.channel);
+            }
+        })
     }
 
     fn release(self: Box<Self>) -> anyhow::Result<()> {

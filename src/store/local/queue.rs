@@ -17,16 +17,21 @@
 //! 5. No ticket below: this caller is first; block on the channel lock itself. Only the
 //!    first in line ever contends for it, so the kernel hands it over in queue order.
 //! 6. Holding the channel lock: unlink one's own ticket; the next in line moves to 5.
+//!
 //! New tickets number above every live one, so a ticket's name is never reused while
 //! anybody may still wait on it. The channel lock stays the sole authority for mutual
 //! exclusion: a fault here can cost order, never overlap.
 
+use crate::procfs::{FileId, file_id};
+use crate::store::Waiter;
 use anyhow::Context;
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub struct QueueDir {
@@ -48,6 +53,18 @@ impl Drop for Registration<'_> {
     }
 }
 
+fn parse_ticket(file: &File) -> Waiter {
+    let mut buf = [0u8; 64];
+    let n = file.read_at(&mut buf, 0).unwrap_or(0);
+    let text = std::str::from_utf8(&buf[..n]).unwrap_or("");
+    let mut words = text.split_ascii_whitespace();
+    let pid = words.next().and_then(|w| w.parse().ok());
+    let since = words.next().and_then(|w| w.parse::<u64>().ok()).map(|ms| {
+        humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    });
+    Waiter { pid, since }
+}
+
 fn ticket_name(seq: u64) -> String {
     format!("{seq:020}")
 }
@@ -57,6 +74,39 @@ impl QueueDir {
         let dir = super::subdir(queues, stem)
             .with_context(|| format!("cannot open the queue folder queue/{stem}"))?;
         Ok(QueueDir { dir })
+    }
+
+    /// The queue folder if it exists (`status` creates nothing).
+    pub fn open_existing(queues: &OwnedFd, stem: &str) -> rustix::io::Result<QueueDir> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        Ok(QueueDir { dir: rustix::fs::openat(queues, stem, flags, Mode::empty())? })
+    }
+
+    /// The live waiters in queue order, for `status`: from the kernel's lock table when
+    /// there is one (nothing taken), else by `LOCK_SH` probes (which never block or
+    /// disturb an owner's `LOCK_EX`, nor a successor's `LOCK_SH`).
+    pub fn waiters(&self, held: Option<&HashMap<FileId, u32>>) -> Vec<Waiter> {
+        let mut waiters = Vec::new();
+        for seq in self.tickets().unwrap_or_default() {
+            let Ok(fd) = rustix::fs::openat(
+                &self.dir,
+                ticket_name(seq),
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
+                continue;
+            };
+            let live = match held {
+                Some(table) => rustix::fs::fstat(&fd).is_ok_and(|st| table.contains_key(&file_id(&st))),
+                None => {
+                    rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) == Err(Errno::WOULDBLOCK)
+                }
+            };
+            if live {
+                waiters.push(parse_ticket(&File::from(fd)));
+            }
+        }
+        waiters
     }
 
     /// Step 1; `None` if `blocking` is false and somebody else is registering.

@@ -1,0 +1,39 @@
+//! `chan-run reset CHANNEL`: queue for the channel like a run, forget its session id.
+//! It does not count as a run.
+
+use crate::channel::Channel;
+use crate::cli::ResetArgs;
+use crate::control::Control;
+use crate::store::{Holder, Store};
+use std::ffi::OsString;
+use std::time::SystemTime;
+
+pub fn reset(store: &dyn Store, args: ResetArgs, control: &Control) -> anyhow::Result<u8> {
+    let channel = Channel::new(&args.channel)?;
+    crate::cmd::run::refuse_self_deadlock(&channel)?;
+    let mut lease = match super::acquire(store, &channel, &args.wait, false, control)? {
+        Ok(lease) => lease,
+        Err(code) => return Ok(code),
+    };
+    let command = [OsString::from("chan-run"), OsString::from("reset")];
+    let holder = Holder {
+        pid: std::process::id(),
+        started_at: SystemTime::now(),
+        command: &command,
+        spawn_ticks: crate::procfs::now_ticks(),
+    };
+    lease.announce(&holder)?;
+    let mut forgotten = None;
+    lease.update(&mut |record| {
+        forgotten = record.session_id.clone();
+        record.forget_session();
+    })?;
+    lease.release()?;
+    match forgotten {
+        Some(id) => {
+            say!("chan-run: channel {channel}: forgot session {id}; its next run starts a new conversation")
+        }
+        None => say!("chan-run: channel {channel} had no stored session"),
+    }
+    Ok(0)
+}

@@ -1,0 +1,165 @@
+//! The channel records kept in `active.json` (SPEC "State directory"): their types
+//! and how one run changes one record. Where they are stored is the store's business.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+pub const VERSION: u64 = 1;
+
+/// The whole file. Unknown fields are kept, so a newer minor writer loses nothing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    #[serde(default = "version_one")]
+    pub version: u64,
+    #[serde(default)]
+    pub channels: BTreeMap<String, ChannelRecord>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Default for StateFile {
+    fn default() -> StateFile {
+        StateFile { version: VERSION, channels: BTreeMap::new(), extra: Map::new() }
+    }
+}
+
+fn version_one() -> u64 {
+    VERSION
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// The working directory the session was made in (model CLIs resume only there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_cwd: Option<String>,
+    #[serde(default)]
+    pub runs: u64,
+    #[serde(default)]
+    pub failures_in_a_row: u64,
+    #[serde(default)]
+    pub last_run: Option<LastRun>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastRun {
+    pub started_at: String,
+    pub finished_at: String,
+    pub duration_ms: u64,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub outcome: Outcome,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Failed,
+    TimedOut,
+    Signaled,
+    Interrupted,
+    SpawnFailed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Signaled => "signaled",
+            Outcome::Interrupted => "interrupted",
+            Outcome::SpawnFailed => "spawn_failed",
+        }
+    }
+}
+
+/// What one finished run changes in its channel's record.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub last_run: LastRun,
+    /// The session id the command's output named, if any (and sessions are on).
+    pub new_session: Option<String>,
+    pub cwd: Option<String>,
+    /// `--fresh-after N`.
+    pub fresh_after: Option<u64>,
+}
+
+impl ChannelRecord {
+    pub fn apply(&mut self, run: RunResult) {
+        self.runs += 1;
+        self.failures_in_a_row = match run.last_run.outcome {
+            Outcome::Ok => 0,
+            _ => self.failures_in_a_row + 1,
+        };
+        if let Some(id) = run.new_session {
+            self.session_id = Some(id);
+            self.session_cwd = run.cwd;
+        } else if run.fresh_after.is_some_and(|n| self.failures_in_a_row >= n) {
+            // A session the model no longer accepts must not wedge the channel.
+            self.session_id = None;
+            self.session_cwd = None;
+        }
+        self.last_run = Some(run.last_run);
+    }
+
+    pub fn forget_session(&mut self) {
+        self.session_id = None;
+        self.session_cwd = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(outcome: Outcome, id: Option<&str>, fresh_after: Option<u64>) -> RunResult {
+        RunResult {
+            last_run: LastRun {
+                started_at: "2026-11-26T09:00:00.000Z".into(),
+                finished_at: "2026-11-26T09:00:01.000Z".into(),
+                duration_ms: 1000,
+                exit_code: Some(0),
+                signal: None,
+                outcome,
+                extra: Map::new(),
+            },
+            new_session: id.map(str::to_owned),
+            cwd: Some("/srv/bot".into()),
+            fresh_after,
+        }
+    }
+
+    #[test]
+    fn counts_runs_failures_and_keeps_or_drops_sessions() {
+        let mut r = ChannelRecord::default();
+        r.apply(run(Outcome::Ok, Some("s1"), Some(2)));
+        assert_eq!((r.runs, r.failures_in_a_row, r.session_id.as_deref()), (1, 0, Some("s1")));
+        r.apply(run(Outcome::Failed, None, Some(2)));
+        assert_eq!((r.failures_in_a_row, r.session_id.as_deref()), (1, Some("s1")));
+        r.apply(run(Outcome::TimedOut, None, Some(2)));
+        assert_eq!((r.runs, r.failures_in_a_row, r.session_id.as_deref()), (3, 2, None));
+        r.apply(run(Outcome::TimedOut, Some("s2"), Some(2)));
+        assert_eq!((r.failures_in_a_row, r.session_id.as_deref()), (3, Some("s2")));
+        r.apply(run(Outcome::Ok, None, None));
+        assert_eq!((r.runs, r.failures_in_a_row, r.session_id.as_deref()), (5, 0, Some("s2")));
+    }
+
+    #[test]
+    fn empty_object_is_an_empty_state_and_unknown_fields_survive() {
+        let s: StateFile = serde_json::from_str("{}").unwrap();
+        assert_eq!((s.version, s.channels.len()), (1, 0));
+        let text = r#"{"version":1,"by":"x","channels":{"a":{"session_id":null,"runs":2,"failures_in_a_row":0,"last_run":null,"note":7}}}"#;
+        let s: StateFile = serde_json::from_str(text).unwrap();
+        let back = serde_json::to_value(&s).unwrap();
+        assert_eq!(back["by"], "x");
+        assert_eq!(back["channels"]["a"]["note"], 7);
+    }
+}
