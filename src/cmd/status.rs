@@ -57,7 +57,7 @@ fn to_json(c: &ChannelStatus) -> serde_json::Value {
 
 const HEADERS: [&str; 8] = ["CHANNEL", "STATE", "PID", "FOR", "WAIT", "RUNS", "LAST RUN", "SESSION"];
 /// Column caps that keep a row within 100 columns.
-const CAPS: [usize; 8] = [24, 7, 7, 6, 4, 6, 28, 12];
+const CAPS: [usize; 8] = [21, 7, 7, 5, 4, 6, 26, 10];
 
 fn table(channels: &[ChannelStatus], now: SystemTime) -> String {
     if channels.is_empty() {
