@@ -153,6 +153,16 @@ mod tests {
     }
 
     #[test]
+    fn the_repository_example_parses_with_this_code() {
+        let s: StateFile = serde_json::from_str(include_str!("../sessions.example.json")).unwrap();
+        assert_eq!(s.channels.len(), 3);
+        let slack = &s.channels["slack:C04QX7LMN2R"];
+        assert_eq!((slack.runs, slack.failures_in_a_row), (311, 3));
+        assert_eq!(slack.last_run.as_ref().unwrap().outcome, Outcome::TimedOut);
+        assert_eq!(s.channels["telegram:-1001987654321"].session_id, None);
+    }
+
+    #[test]
     fn empty_object_is_an_empty_state_and_unknown_fields_survive() {
         let s: StateFile = serde_json::from_str("{}").unwrap();
         assert_eq!((s.version, s.channels.len()), (1, 0));
