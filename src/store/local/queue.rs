@@ -173,14 +173,15 @@ impl QueueDir {
 
     /// Step 3's ticket: numbered above every ticket present.
     pub fn take_ticket(&self, _reg: &Registration, above: Option<u64>) -> anyhow::Result<Ticket> {
-        let seq = above.map_or(1, |s| s + 1);
-        let fd = rustix::fs::openat(
-            &self.dir,
-            ticket_name(seq),
-            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .context("cannot create a queue ticket")?;
+        let mut seq = above.map_or(1, |s| s + 1);
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = loop {
+            // A dead ticket that could not be removed may sit above the live ones.
+            match rustix::fs::openat(&self.dir, ticket_name(seq), flags, Mode::from_raw_mode(0o600)) {
+                Err(Errno::EXIST) => seq += 1,
+                other => break other.context("cannot create a queue ticket")?,
+            }
+        };
         rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive)
             .context("cannot lock a new queue ticket")?;
         let mut file = File::from(fd);
