@@ -58,7 +58,7 @@ pub struct WaitArgs {
     pub no_wait: bool,
 
     /// Give up waiting for a busy channel after DUR and exit with the busy code
-    #[arg(short = 'w', long, value_name = "DUR", value_parser = crate::duration::parse)]
+    #[arg(short = 'w', long, value_name = "DUR", allow_negative_numbers = true, value_parser = crate::duration::parse)]
     pub wait: Option<Duration>,
 
     /// The busy code, as `flock -E`
@@ -73,11 +73,11 @@ pub struct RunArgs {
     pub channel: String,
 
     /// The command's time limit (300, 0.5, 90s, 5m, 1h30m); 0 = none
-    #[arg(short, long, value_name = "DUR", default_value = "5m", value_parser = crate::duration::parse)]
+    #[arg(short, long, value_name = "DUR", default_value = "5m", allow_negative_numbers = true, value_parser = crate::duration::parse)]
     pub timeout: Duration,
 
     /// After the timeout's SIGTERM, send SIGKILL this much later
-    #[arg(short, long, value_name = "DUR", default_value = "10s", value_parser = crate::duration::parse)]
+    #[arg(short, long, value_name = "DUR", default_value = "10s", allow_negative_numbers = true, value_parser = crate::duration::parse)]
     pub kill_after: Duration,
 
     #[command(flatten)]

@@ -2,8 +2,9 @@
 //! the command's pipe and writes chan-run's own descriptor with blocking writes (so a
 //! slow reader slows the command, as without chan-run), keeping only a bounded tail of
 //! stdout for the session id. When the command has exited, a pump passes on what is
-//! already in the pipe (at most one pipe's capacity) and stops, even if a descendant
-//! still holds the pipe open. If chan-run's own output is closed (`| head`), the pump
+//! already in the pipe (at most one pipe's capacity more) and stops at the first moment
+//! the pipe is empty, even if a descendant still holds it open. Bytes already read are
+//! always written out, however slow the reader. If chan-run's own output is closed (`| head`), the pump
 //! closes the command's pipe, so the command sees EPIPE/SIGPIPE as it would have.
 
 use crate::control::Waker;
@@ -57,14 +58,22 @@ pub struct Pump {
 
 impl Pump {
     /// Copies `src` (the command's pipe) to `dst` (fd 1 or 2) on a new thread.
-    /// `exited` becomes readable (its writer is closed) when the command has exited.
-    pub fn start(src: OwnedFd, dst: i32, tail_cap: usize, exited: Arc<OwnedFd>, waker: Waker) -> Pump {
+    /// `exited` is set, and `notice` becomes readable (its writer closed), when the
+    /// command has exited.
+    pub fn start(
+        src: OwnedFd,
+        dst: i32,
+        tail_cap: usize,
+        exited: Arc<AtomicBool>,
+        notice: Arc<OwnedFd>,
+        waker: Waker,
+    ) -> Pump {
         let _ = rustix::pipe::fcntl_setpipe_size(&src, PIPE_SIZE);
         let done = Arc::new(AtomicBool::new(false));
         let tail = Arc::new(Mutex::new(Tail::new(tail_cap)));
         let (done2, tail2) = (Arc::clone(&done), Arc::clone(&tail));
         let handle = std::thread::spawn(move || {
-            copy(src, dst, &tail2, &exited);
+            copy(src, dst, &tail2, &exited, &notice);
             done2.store(true, Ordering::SeqCst);
             waker.wake();
         });
@@ -84,13 +93,16 @@ impl Pump {
     }
 }
 
-fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &OwnedFd) {
+fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &OwnedFd) {
     let dst = std_fd(dst);
     let _ = rustix::io::ioctl_fionbio(&src, true);
     let mut buf = vec![0u8; BUF];
     // After the exit notice: how much more to pass on (what the pipe could hold then).
     let mut budget: Option<usize> = None;
     loop {
+        if budget.is_none() && exited.load(Ordering::SeqCst) {
+            budget = Some(rustix::pipe::fcntl_getpipe_size(&src).unwrap_or(PIPE_SIZE));
+        }
         match rustix::io::read(&src, &mut buf) {
             Ok(0) => return,
             Ok(n) => {
@@ -112,13 +124,10 @@ fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &OwnedFd) {
                 if budget.is_some() {
                     return;
                 }
-                let mut fds = [PollFd::new(&src, PollFlags::IN), PollFd::new(exited, PollFlags::IN)];
+                let mut fds = [PollFd::new(&src, PollFlags::IN), PollFd::new(notice, PollFlags::IN)];
                 match poll(&mut fds, None) {
                     Ok(_) | Err(Errno::INTR) => {}
                     Err(_) => return,
-                }
-                if !fds[1].revents().is_empty() {
-                    budget = Some(rustix::pipe::fcntl_getpipe_size(&src).unwrap_or(PIPE_SIZE));
                 }
             }
             Err(_) => return,

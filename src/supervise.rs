@@ -16,10 +16,9 @@ use std::ffi::OsString;
 use std::io;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long after the command's exit its output may still drain.
-const DRAIN: Duration = Duration::from_millis(500);
 /// How long a SIGKILLed leader may take to become reapable before chan-run moves on.
 const REAP_AFTER_KILL: Duration = Duration::from_millis(400);
 /// The tail of stdout kept for the session id.
@@ -74,6 +73,10 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
+            // The child may have taken the terminal before its exec failed.
+            if plan.take_terminal {
+                take_terminal_back();
+            }
             return Finished {
                 ending: Ending::SpawnFailed(e),
                 duration: started.elapsed(),
@@ -82,27 +85,38 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         }
     };
     on_spawn(child.id());
-    let (exit_rx, exit_tx) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+    let (notice_rx, notice_tx) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
         Ok((r, w)) => (Arc::new(r), Some(w)),
         Err(_) => unreachable_pipe(),
     };
+    let exited = Arc::new(AtomicBool::new(false));
     let pumps = [
         child.stdout.take().map(|s| (s.into(), 1, plan.tail_cap)),
         child.stderr.take().map(|s| (s.into(), 2, 0)),
     ]
     .into_iter()
     .flatten()
-    .filter_map(|(fd, dst, cap)| Some(Pump::start(fd, dst, cap, Arc::clone(&exit_rx), control.waker().ok()?)))
+    .filter_map(|(fd, dst, cap)| {
+        let waker = control.waker().ok()?;
+        Some(Pump::start(fd, dst, cap, Arc::clone(&exited), Arc::clone(&notice_rx), waker))
+    })
     .collect::<Vec<_>>();
 
-    let (status, stop) = supervise(&mut child, &plan, control, started);
+    let (status, mut stop) = supervise(&mut child, &plan, control, started);
     if plan.take_terminal {
         take_terminal_back();
     }
-    drop(exit_tx); // tells the pumps the command is gone
-    let drain_until = Instant::now() + DRAIN;
-    while pumps.iter().any(|p| !p.is_done()) && Instant::now() < drain_until {
-        let _ = control.wait(Some(drain_until));
+    // Tells the pumps the command is gone: each passes on what the pipe holds and
+    // stops once it is empty, however long a descendant keeps it open. Only a reader
+    // that stops reading can hold chan-run here, as it would hold the command.
+    exited.store(true, Ordering::SeqCst);
+    drop(notice_tx);
+    while pumps.iter().any(|p| !p.is_done()) {
+        if let Some(sig) = control.take_signal() {
+            stop.get_or_insert(Stop::Signal(sig)); // interrupted while passing output on
+            break;
+        }
+        let _ = control.wait(None);
     }
     let stdout = pumps
         .first()
@@ -124,7 +138,8 @@ fn supervise(
     started: Instant,
 ) -> (Option<ExitStatus>, Option<Stop>) {
     let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
-    let mut term_at = plan.timeout.filter(|t| !t.is_zero()).map(|t| started + t);
+    // A deadline too far to represent is no deadline.
+    let mut term_at = plan.timeout.filter(|t| !t.is_zero()).and_then(|t| started.checked_add(t));
     let mut kill_at: Option<Instant> = None;
     let mut killed_at: Option<Instant> = None;
     let mut stop = None;
@@ -139,15 +154,17 @@ fn supervise(
         let now = Instant::now();
         if let Some(sig) = control.take_signal() {
             signal_group(pid, sig);
-            stop.get_or_insert(Stop::Signal(sig));
-            kill_at.get_or_insert(now + plan.kill_after);
+            if stop.is_none() {
+                stop = Some(Stop::Signal(sig));
+                kill_at = now.checked_add(plan.kill_after);
+            }
         }
         if term_at.is_some_and(|t| now >= t) {
             term_at = None;
             if stop.is_none() {
                 signal_group(pid, libc::SIGTERM);
                 stop = Some(Stop::Timeout);
-                kill_at.get_or_insert(now + plan.kill_after);
+                kill_at = now.checked_add(plan.kill_after);
             }
         }
         if kill_at.is_some_and(|t| now >= t) {

@@ -44,7 +44,11 @@ fn path_like_names_stay_inside_locks_and_get_distinct_files() {
     let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     want.sort();
     assert_eq!(lock_names(&env), want, "each lock file names its channel");
-    assert_eq!(list(env.state()), ["locks", "queue"], "nothing escaped into the state directory");
+    assert_eq!(
+        list(env.state()),
+        ["active.json", "locks", "queue"],
+        "nothing escaped into the state directory"
+    );
     assert_eq!(list(env.root()), ["home", "state", "t"], "nothing escaped above it");
     assert_eq!(list(&env.root().join("home")), Vec::<String>::new(), "the user's own dirs are untouched");
 }

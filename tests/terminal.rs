@@ -67,7 +67,6 @@ fn terminal_is_taken_back_after_the_run() {
 }
 
 #[test]
-#[ignore = "bug: when the command cannot be started, the terminal is left to its dead process group"]
 fn terminal_is_taken_back_when_the_command_cannot_start() {
     let env = TestEnv::new();
     let body = r#"

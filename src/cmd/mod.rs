@@ -21,7 +21,7 @@ pub fn acquire(
 ) -> anyhow::Result<Result<Box<dyn Lease>, u8>> {
     let wait = match (args.no_wait, args.wait) {
         (true, _) => Wait::No,
-        (false, Some(d)) => Wait::Until(Instant::now() + d),
+        (false, Some(d)) => Instant::now().checked_add(d).map_or(Wait::Forever, Wait::Until),
         (false, None) => Wait::Forever,
     };
     let mut on_wait = |note: &WaitNote| {
