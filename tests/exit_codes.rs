@@ -72,9 +72,7 @@ fn durations_accept_the_documented_forms() {
 
 /// The parts of the holder record that say who holds the channel.
 fn holder_of(env: &TestEnv, stem: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(env.lock_file(stem)).unwrap();
-    let record: serde_json::Value =
-        serde_json::from_str(text.lines().nth(1).expect("a holder record")).unwrap();
+    let record = env.holder_record(stem).expect("a holder record");
     let keys = ["pid", "command_pid", "started_at", "channel", "command"];
     keys.iter().map(|k| (k.to_string(), record[k].clone())).collect()
 }

@@ -100,8 +100,7 @@ fn lock_is_released_after(opts: &[&str], command: &[String], want: i32) {
     all.extend_from_slice(opts);
     env.run(&all, command).assert().code(want);
     env.run(&["-c", "c", "--no-wait"], &["true"]).assert().success();
-    let lock = std::fs::read_to_string(env.lock_file("c")).unwrap();
-    assert_eq!(lock, "c\n", "a released lock file holds only the channel name");
+    env.assert_released("c", "c");
 }
 
 #[test]
@@ -134,10 +133,11 @@ fn holder_record_names_the_run_while_held() {
     let command_pid = env.read_pid("cmd-pid");
 
     let text = std::fs::read_to_string(env.lock_file("rec")).unwrap();
-    let (name, record) = text.split_once('\n').expect("two lines");
-    assert_eq!(name, "rec");
-    assert!(record.ends_with('\n'), "the record is one whole line: {record:?}");
-    let record: serde_json::Value = serde_json::from_str(record).expect("the holder record is JSON");
+    assert!(
+        text.starts_with("rec\n") && text.ends_with("}\n"),
+        "name first, record one whole line: {text:?}"
+    );
+    let record = env.holder_record("rec").expect("a holder record");
     assert_eq!(record["pid"], holder.pid(), "{record}");
     assert_eq!(record["command_pid"], command_pid, "{record}");
     assert_eq!(record["command"], serde_json::json!(command), "{record}");
@@ -146,7 +146,7 @@ fn holder_record_names_the_run_while_held() {
 
     env.open_gate("go");
     holder.finish(PATIENCE).assert_code(0);
-    assert_eq!(std::fs::read_to_string(env.lock_file("rec")).unwrap(), "rec\n", "record cleared at the end");
+    env.assert_released("rec", "rec");
 }
 
 /// Whether every thread of `pid` is in the stopped state.
@@ -211,8 +211,7 @@ fn holder_record_caps_a_long_command() {
     env.wait_for_file("in");
     let size = std::fs::metadata(env.lock_file("long")).unwrap().len();
     assert!(size < 16 * 1024, "the holder record takes {size} bytes");
-    let text = std::fs::read_to_string(env.lock_file("long")).unwrap();
-    let record: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+    let record = env.holder_record("long").expect("a holder record");
     assert_eq!(record["command"][0], "sh", "{record}");
     env.open_gate("go");
     holder.finish(PATIENCE).assert_code(0);

@@ -22,7 +22,7 @@ fn lock_names(env: &TestEnv) -> Vec<String> {
         .iter()
         .map(|f| {
             let text = std::fs::read_to_string(env.locks().join(f)).unwrap();
-            text.strip_suffix('\n').unwrap_or(&text).to_owned()
+            text.lines().next().unwrap_or_default().to_owned()
         })
         .collect();
     names.sort();

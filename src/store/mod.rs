@@ -106,7 +106,7 @@ pub trait Lease {
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
     /// The channel's stored record (a damaged state file is moved aside, with a warning).
-    fn record(&self) -> anyhow::Result<ChannelRecord>;
+    fn record(&mut self) -> anyhow::Result<ChannelRecord>;
     /// Changes the channel's record in the serialized read-modify-write.
     fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()>;
     /// The clean end: the command is gone; clears the holder record and unlocks.

@@ -180,6 +180,23 @@ impl TestEnv {
         self.locks().join(format!("{stem}.lock"))
     }
 
+    /// The holder record in `stem`'s lock file (its one JSON line), if there is one.
+    pub fn holder_record(&self, stem: &str) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.lock_file(stem)).unwrap();
+        let line = text.lines().find(|l| l.starts_with('{'))?;
+        Some(serde_json::from_str(line).expect("the holder record is one line of JSON"))
+    }
+
+    /// Asserts that `stem`'s lock file holds only its header lines (the channel's name,
+    /// then where its record sits in active.json): no holder record.
+    pub fn assert_released(&self, stem: &str, channel: &str) {
+        let text = std::fs::read_to_string(self.lock_file(stem)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(text.ends_with('\n') && lines.len() == 2, "a released lock file holds two lines: {text:?}");
+        assert_eq!(lines[0], channel, "{text:?}");
+        assert!(lines[1].starts_with("slot "), "{text:?}");
+    }
+
     /// Entries of the `locks/` folder, sorted.
     pub fn lock_files(&self) -> Vec<String> {
         list(&self.locks())

@@ -1,11 +1,12 @@
 //! A channel's lock file, `locks/<stem>.lock`, and the holder record inside it.
 //!
 //! Line 1 is the channel's full name, written by its first holder and checked by every
-//! later one (two names whose long stems collide can never share a lock). Line 2, while
-//! the lock is held, is the holder record: chan-run's pid, the command's pid (= its
+//! later one (two names whose long stems collide can never share a lock). Line 2 is
+//! `slot N`, where the channel's record was last seen in `active.json` (a hint, fixed
+//! width, rewritten in place). Line 3, while the lock is held, is the holder record: chan-run's pid, the command's pid (= its
 //! process group; written by the command itself before `exec`, into a fixed-width slot),
 //! the clock-tick window of its fork, start time, channel and command. A clean end
-//! truncates the file back to line 1 before unlocking; a record found by the next holder
+//! truncates the file back to lines 1-2 before unlocking; a record found by the next holder
 //! therefore means the previous run did not end cleanly, and what is left of its
 //! command must be killed first. Readers take a record only if it is one whole line of
 //! valid JSON: a torn or stale one reads as "unknown", never as an error.
@@ -75,12 +76,24 @@ impl HolderRecord {
     }
 }
 
-/// The file's content split into its name line and holder record, if valid.
+/// The file's content split into its name line, slot hint and holder record, if valid.
 pub struct Contents {
     pub name: Option<String>,
+    /// Where line 2 starts and whether it is a whole `slot` line.
+    slot_line: Option<usize>,
+    pub hint: Option<u64>,
     pub record: Option<HolderRecord>,
-    /// Bytes after the name line (a record, whole or torn).
+    /// Bytes after the header lines (a record, whole or torn).
     pub has_tail: bool,
+}
+
+const SLOT_LINE: usize = "slot ".len() + 20 + 1;
+
+fn slot_line(hint: Option<u64>) -> String {
+    match hint {
+        Some(offset) => format!("slot {offset:<20}\n"),
+        None => format!("slot {:<20}\n", "-"),
+    }
 }
 
 pub fn read(file: &File) -> std::io::Result<Contents> {
@@ -100,31 +113,44 @@ pub fn read(file: &File) -> std::io::Result<Contents> {
 
 fn parse(buf: &[u8]) -> Contents {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-        return Contents { name: None, record: None, has_tail: false };
+        return Contents { name: None, slot_line: None, hint: None, record: None, has_tail: false };
     };
     let name = std::str::from_utf8(&buf[..nl]).ok().map(str::to_owned);
-    let tail = &buf[nl + 1..];
+    let mut tail = &buf[nl + 1..];
+    let mut slot_line = None;
+    let mut hint = None;
+    if tail.len() >= SLOT_LINE && tail.starts_with(b"slot ") && tail[SLOT_LINE - 1] == b'\n' {
+        slot_line = Some(nl + 1);
+        hint = std::str::from_utf8(&tail[5..SLOT_LINE - 1]).ok().and_then(|t| t.trim().parse().ok());
+        tail = &tail[SLOT_LINE..];
+    }
     let record = match tail.iter().position(|&b| b == b'\n') {
         Some(end) if end + 1 == tail.len() => serde_json::from_slice(&tail[..end]).ok(),
         _ => None,
     };
-    Contents { name, record, has_tail: !tail.is_empty() }
+    Contents { name, slot_line, hint, record, has_tail: !tail.is_empty() }
 }
 
-/// Makes sure line 1 names `channel`; an empty file gets it, a different name is refused.
+/// Makes sure line 1 names `channel` and line 2 is a slot line; an empty file gets
+/// both, a different name is refused. Returns the header's length.
 pub fn claim_name(file: &File, channel: &str, contents: &Contents) -> anyhow::Result<u64> {
-    match &contents.name {
-        Some(name) if name == channel => Ok(name.len() as u64 + 1),
-        Some(other) => bail!(
+    match (&contents.name, contents.slot_line) {
+        (Some(name), Some(at)) if name == channel => Ok((at + SLOT_LINE) as u64),
+        (Some(other), _) if other != channel => bail!(
             "the lock file of channel {channel:?} belongs to channel {other:?} (their shortened names collide); use a shorter channel name"
         ),
-        None => {
-            let header = format!("{channel}\n");
+        _ => {
+            let header = format!("{channel}\n{}", slot_line(None));
             file.set_len(0)?;
             file.write_all_at(header.as_bytes(), 0).context("cannot write the lock file")?;
             Ok(header.len() as u64)
         }
     }
+}
+
+/// Rewrites the slot hint in place (fixed width: the record after it does not move).
+pub fn write_hint(file: &File, header_len: u64, hint: Option<u64>) {
+    let _ = file.write_all_at(slot_line(hint).as_bytes(), header_len - SLOT_LINE as u64);
 }
 
 /// Where the fixed-width slots of a written record are.
@@ -234,10 +260,12 @@ mod tests {
     #[test]
     fn torn_or_partial_records_read_as_unknown() {
         let full = br#"chan
+slot 1024                
 {"pid":1,"started_at":"2026-01-01T00:00:00.000Z","spawn_ticks":5,"spawned_ticks":6                   ,"command_pid":7          ,"channel":"chan","command":["a"]}
 "#;
         let c = parse(full);
         assert_eq!(c.name.as_deref(), Some("chan"));
+        assert_eq!(c.hint, Some(1024));
         let rec = c.record.unwrap();
         assert_eq!(rec.command_pid, Some(7));
         assert_eq!(rec.leftover().unwrap().spawned_ticks, Some(6));
@@ -246,6 +274,8 @@ mod tests {
             assert!(c.record.is_none(), "{cut}");
         }
         assert!(parse(b"chan\n").record.is_none());
+        let no_hint = parse(b"chan\nslot -                   \n");
+        assert_eq!((no_hint.hint, no_hint.slot_line, no_hint.has_tail), (None, Some(5), false));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 mod lock;
 mod queue;
+mod slots;
 mod state_file;
 
 use crate::channel::Channel;
@@ -155,6 +156,8 @@ impl Inner {
             header_len,
             channel: channel.name().to_owned(),
             slots: None,
+            hint: contents.hint,
+            hint_written: contents.hint,
             store: Arc::clone(self),
         }))
     }
@@ -331,6 +334,9 @@ struct LocalLease {
     header_len: u64,
     channel: String,
     slots: Option<lock::Slots>,
+    /// Where the channel's record is in `active.json`, and what the lock file says.
+    hint: Option<u64>,
+    hint_written: Option<u64>,
     store: Arc<Inner>,
 }
 
@@ -350,22 +356,21 @@ impl Lease for LocalLease {
         }
     }
 
-    fn record(&self) -> anyhow::Result<ChannelRecord> {
-        let state = self.store.state().load_or_quarantine()?;
-        Ok(state.channels.get(&self.channel).cloned().unwrap_or_default())
+    fn record(&mut self) -> anyhow::Result<ChannelRecord> {
+        let (record, hint) = self.store.state().read_channel(&self.channel, self.hint)?;
+        self.hint = hint.or(self.hint);
+        Ok(record)
     }
 
     fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()> {
-        self.store.state().update(|state| {
-            let record = state.channels.entry(self.channel.clone()).or_default();
-            change(record);
-            if *record == ChannelRecord::default() {
-                state.channels.remove(&self.channel);
-            }
-        })
+        self.hint = self.store.state().update_channel(&self.channel, self.hint, change)?;
+        Ok(())
     }
 
     fn release(self: Box<Self>) -> anyhow::Result<()> {
+        if self.hint != self.hint_written {
+            lock::write_hint(&self.file, self.header_len, self.hint);
+        }
         self.file.set_len(self.header_len).context("cannot clear the holder record")?;
         Ok(())
     }

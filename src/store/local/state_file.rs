@@ -1,21 +1,43 @@
-//! `active.json`: load, quarantine, atomic save, and the serialized read-modify-write.
+//! `active.json`: every channel's record in one JSON document, laid out in slots
+//! (`slots.rs`) so that a run reads and writes only its own record: O(1) in the number
+//! of channels, in time and in memory.
 //!
-//! Protocol of an update (crash outcome in brackets): take the state lock (`flock` on
-//! the state directory itself, held only for the update's milliseconds) [lock freed];
-//! read the file, quarantining a damaged one by a no-replace rename to a fresh
-//! `active.json.corrupt-<UTC time>` name [the rename is atomic: the file is either
-//! still there or moved whole]; change one record; write a temp file in the same
-//! directory (0600, `O_EXCL`), fsync it [a stray temp file; `active.json` untouched];
-//! rename it over `active.json` [old or new file, never a mix]; fsync the directory.
-//! Readers never lock: a rename never shows them a partial file.
+//! Who may write what: a channel's slot only by the holder of that channel's lock, so
+//! no two writers ever touch the same bytes. The state lock (`flock` on the state
+//! directory) is taken shared for an in-place update and exclusive for a change of
+//! structure (a new record appended, a record moved to a bigger slot, a new file), so
+//! a structural change never copies a slot while it is being rewritten. Each is held for
+//! the update's own milliseconds, never for a command's run. A record's position is
+//! remembered in the channel's lock file (a hint, checked against the name in the slot;
+//! a stale hint costs one scan, never a wrong record).
+//!
+//! Each step and what a crash there leaves (in brackets):
+//! - in place: `pwrite` of the slot (at most 4 KiB, inside one page), `fdatasync`
+//!   [the old record or the new one: a page-internal write is not torn by a dying process];
+//! - append: `pwrite` of filler, slot and the closing `}}` over the old closing bytes,
+//!   `fdatasync` [if torn, the file no longer ends in `}}`: the next append sees it and
+//!   handles the file as damaged; the records before are intact];
+//! - move to a bigger slot, or a new file: a copy with the one change, written to a temp
+//!   file in the same directory (0600, `O_EXCL`), fsync, rename over `active.json`, fsync
+//!   of the directory [a stray temp file; `active.json` untouched]. Moves keep every
+//!   other record at its offset, so no other channel's hint goes stale.
+//!
+//! A file that is not in this layout but is valid state JSON (hand-edited, `{}`) is
+//! converted on the first write. A damaged file is never written into: it is moved to
+//! a fresh `active.json.corrupt-<UTC time>` name (a no-replace rename) with a warning,
+//! and the state starts empty. A newer `version`, or a file that cannot be read, is an
+//! error and is left untouched. Readers of the whole file (`status`, `jq`) may meet a
+//! record mid-update; `status` re-reads such a slot.
 
-use crate::state::{StateFile, VERSION};
+use super::slots::{self, Header, Slot};
+use crate::state::{ChannelRecord, StateFile, VERSION};
 use anyhow::{Context, bail};
 use rustix::fd::OwnedFd;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 const NAME: &str = "active.json";
@@ -30,84 +52,333 @@ pub struct StateFiles<'a> {
     pub path: &'a Path,
 }
 
+/// What `active.json` is right now.
+enum View {
+    Missing,
+    Slots(File, Header),
+    /// Valid state JSON in another layout.
+    Other(StateFile),
+    Damaged(String),
+}
+
+/// A channel's slot, as found.
+struct Found {
+    offset: u64,
+    size: u64,
+    first: bool,
+    record: ChannelRecord,
+}
+
 impl StateFiles<'_> {
-    /// Reads `active.json` without locking. Unreadable or newer files are errors (exit
-    /// 125, untouched); damage is reported, not repaired, here.
+    /// The whole state, for `status`: streamed slot by slot; never repairs anything.
     pub fn load(&self) -> anyhow::Result<Loaded> {
-        let file = match rustix::fs::openat(
-            self.dir,
-            NAME,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
+        match self.view()? {
+            View::Missing => Ok(Loaded::State(StateFile::default())),
+            View::Other(state) => Ok(Loaded::State(state)),
+            View::Damaged(why) => Ok(Loaded::Damaged(why)),
+            View::Slots(file, header) => {
+                let mut state = extras_of(&header);
+                let mut bad = None;
+                each_slot(&file, &header, |offset, line| match slots::parse_slot(line) {
+                    Slot::Member { name, record } => {
+                        state.channels.insert(name, *record);
+                    }
+                    Slot::Filler => {}
+                    // Maybe caught mid-update: read it again before calling it damage.
+                    Slot::Bad => match reread(&file, offset, line.len()) {
+                        Some((name, record)) => {
+                            state.channels.insert(name, record);
+                        }
+                        None => bad = bad.or(Some(offset)),
+                    },
+                })?;
+                Ok(match bad {
+                    Some(at) => Loaded::Damaged(format!("the record at byte {at} is not valid JSON")),
+                    None => Loaded::State(state),
+                })
+            }
+        }
+    }
+
+    /// One channel's record, without locking (only this channel's lock holder writes
+    /// it). A damaged file is moved aside here, before the command runs.
+    pub fn read_channel(
+        &self,
+        name: &str,
+        hint: Option<u64>,
+    ) -> anyhow::Result<(ChannelRecord, Option<u64>)> {
+        match self.view()? {
+            View::Missing => Ok((ChannelRecord::default(), None)),
+            View::Other(mut state) => Ok((state.channels.remove(name).unwrap_or_default(), None)),
+            View::Slots(file, header) => match find(&file, &header, name, hint)? {
+                Some(found) => Ok((found.record, Some(found.offset))),
+                None => Ok((ChannelRecord::default(), None)),
+            },
+            View::Damaged(_) => {
+                let _lock = self.lock(true)?;
+                if let View::Damaged(why) = self.view()? {
+                    self.quarantine(&why)?;
+                }
+                Ok((ChannelRecord::default(), None))
+            }
+        }
+    }
+
+    /// The read-modify-write of one channel's record; returns where the record now is.
+    /// `change` may be called more than once, each time on a freshly read record.
+    pub fn update_channel(
+        &self,
+        name: &str,
+        hint: Option<u64>,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+    ) -> anyhow::Result<Option<u64>> {
+        {
+            let _shared = self.lock(false)?;
+            if let View::Slots(file, header) = self.view_for(true)?
+                && let Some(found) = find(&file, &header, name, hint)?
+                && let Some(offset) = self.in_place(&file, name, found, change)?
+            {
+                return Ok(Some(offset));
+            }
+        }
+        let _exclusive = self.lock(true)?;
+        let (file, header) = match self.view_for(true)? {
+            View::Slots(file, header) => (file, header),
+            View::Missing => return self.fresh(StateFile::default(), name, change),
+            View::Other(state) => return self.fresh(state, name, change),
+            View::Damaged(why) => {
+                self.quarantine(&why)?;
+                return self.fresh(StateFile::default(), name, change);
+            }
+        };
+        match find(&file, &header, name, hint)? {
+            Some(found) => {
+                let offset = found.offset;
+                match self.in_place(&file, name, found, change)? {
+                    Some(offset) => Ok(Some(offset)),
+                    None => self.grow(&file, &header, name, offset, change),
+                }
+            }
+            None => self.append(&file, &header, name, change),
+        }
+    }
+
+    /// Rewrites the slot where it is, if the changed record still fits.
+    fn in_place(
+        &self,
+        file: &File,
+        name: &str,
+        mut found: Found,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+    ) -> anyhow::Result<Option<u64>> {
+        change(&mut found.record);
+        if found.record == ChannelRecord::default() {
+            return Ok(None); // an empty record is dropped: a structural change
+        }
+        let member = slots::member(found.first, name, &found.record);
+        if !slots::fits(member.len(), found.size) {
+            return Ok(None);
+        }
+        let line = slots::slot(found.first, name, &found.record, found.size);
+        file.write_all_at(&line, found.offset).with_context(|| self.cannot_write())?;
+        rustix::fs::fdatasync(file).with_context(|| self.cannot_write())?;
+        Ok(Some(found.offset))
+    }
+
+    /// Adds a record at the end, over the closing bytes.
+    fn append(
+        &self,
+        file: &File,
+        header: &Header,
+        name: &str,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+    ) -> anyhow::Result<Option<u64>> {
+        let mut record = ChannelRecord::default();
+        change(&mut record);
+        if record == ChannelRecord::default() {
+            return Ok(None);
+        }
+        let Some(end) = closing(file, header)? else {
+            self.quarantine("it does not end as written")?;
+            return self.fresh(StateFile::default(), name, change);
+        };
+        let first = end == header.len;
+        let member = slots::member(first, name, &record);
+        let size = slots::size_for(member.len()).context("the channel's record is too big to store")?;
+        let offset = slots::align(end, size);
+        let mut bytes = slots::fillers(end, offset);
+        bytes.extend(slots::slot(first, name, &record, size));
+        bytes.extend(slots::TRAILER);
+        if let Err(e) = file.write_all_at(&bytes, end) {
+            // Put the closing bytes back, so the file stays whole.
+            let _ = file.set_len(end).and_then(|()| file.write_all_at(slots::TRAILER, end));
+            return Err(e).with_context(|| self.cannot_write());
+        }
+        rustix::fs::fdatasync(file).with_context(|| self.cannot_write())?;
+        Ok(Some(offset))
+    }
+
+    /// Moves a record that outgrew its slot to a bigger one at the end: a copy of the
+    /// file with that slot blanked, every other slot at its offset.
+    fn grow(
+        &self,
+        file: &File,
+        header: &Header,
+        name: &str,
+        old: u64,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+    ) -> anyhow::Result<Option<u64>> {
+        let mut out = self.temp()?;
+        let mut head = vec![0u8; header.len as usize];
+        file.read_exact_at(&mut head, 0).with_context(|| self.cannot_write())?;
+        let mut body = BufWriter::with_capacity(256 * 1024, out.as_file_mut());
+        body.write_all(&head).with_context(|| self.cannot_write())?;
+        let mut seen_member = false;
+        let mut record = None;
+        let mut damaged = false;
+        let mut written = header.len;
+        each_slot(file, header, |offset, line| {
+            let mut line = line.to_vec();
+            match slots::parse_slot(&line) {
+                Slot::Member { record: r, .. } if offset == old => {
+                    record = Some(*r);
+                    line = slots::filler(line.len() as u64);
+                }
+                Slot::Member { .. } => {
+                    line[0] = if seen_member { b',' } else { b' ' };
+                    seen_member = true;
+                }
+                Slot::Filler => {}
+                Slot::Bad => damaged = true,
+            }
+            written += line.len() as u64;
+            let _ = body.write_all(&line);
+        })?;
+        let Some(mut record) = record.filter(|_| !damaged) else {
+            drop(body);
+            self.quarantine("a record in it is not valid JSON")?;
+            return self.fresh(StateFile::default(), name, change);
+        };
+        change(&mut record);
+        let member = slots::member(!seen_member, name, &record);
+        let size = slots::size_for(member.len()).context("the channel's record is too big to store")?;
+        let offset = slots::align(written, size);
+        body.write_all(&slots::fillers(written, offset)).with_context(|| self.cannot_write())?;
+        body.write_all(&slots::slot(!seen_member, name, &record, size))
+            .with_context(|| self.cannot_write())?;
+        body.write_all(slots::TRAILER).with_context(|| self.cannot_write())?;
+        body.flush().with_context(|| self.cannot_write())?;
+        drop(body);
+        self.persist(out)?;
+        Ok(Some(offset))
+    }
+
+    /// Writes a new file in this layout from `state` plus the change to `name`.
+    fn fresh(
+        &self,
+        mut state: StateFile,
+        name: &str,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+    ) -> anyhow::Result<Option<u64>> {
+        let record = state.channels.entry(name.to_owned()).or_default();
+        change(record);
+        if *record == ChannelRecord::default() {
+            state.channels.remove(name);
+        }
+        let mut out = self.temp()?;
+        let mut body = BufWriter::with_capacity(256 * 1024, out.as_file_mut());
+        let head = slots::header(&state.extra);
+        let mut written = head.len() as u64;
+        body.write_all(&head).with_context(|| self.cannot_write())?;
+        let mut ours = None;
+        for (i, (channel, record)) in state.channels.iter().enumerate() {
+            let member = slots::member(i == 0, channel, record);
+            let size = slots::size_for(member.len())
+                .with_context(|| format!("the record of channel {channel:?} is too big to store"))?;
+            let offset = slots::align(written, size);
+            body.write_all(&slots::fillers(written, offset)).with_context(|| self.cannot_write())?;
+            body.write_all(&slots::slot(i == 0, channel, record, size))
+                .with_context(|| self.cannot_write())?;
+            written = offset + size;
+            if channel == name {
+                ours = Some(offset);
+            }
+        }
+        body.write_all(slots::TRAILER).with_context(|| self.cannot_write())?;
+        body.flush().with_context(|| self.cannot_write())?;
+        drop(body);
+        self.persist(out)?;
+        Ok(ours)
+    }
+
+    fn temp(&self) -> anyhow::Result<tempfile::NamedTempFile> {
+        tempfile::Builder::new()
+            .prefix(".active.json.")
+            .tempfile_in(self.path)
+            .with_context(|| self.cannot_write())
+    }
+
+    /// fsync, rename over `active.json`, fsync the directory.
+    fn persist(&self, out: tempfile::NamedTempFile) -> anyhow::Result<()> {
+        out.as_file().sync_all().with_context(|| self.cannot_write())?;
+        out.persist(self.path.join(NAME)).map_err(|e| e.error).with_context(|| self.cannot_write())?;
+        rustix::fs::fsync(self.dir).with_context(|| self.cannot_write())?;
+        Ok(())
+    }
+
+    fn view(&self) -> anyhow::Result<View> {
+        self.view_for(false)
+    }
+
+    /// `writable`: opened for the in-place writes of an update.
+    fn view_for(&self, writable: bool) -> anyhow::Result<View> {
+        let access = if writable { OFlags::RDWR } else { OFlags::RDONLY };
+        let flags = access | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let file = match rustix::fs::openat(self.dir, NAME, flags, Mode::empty()) {
             Ok(fd) => File::from(fd),
-            Err(Errno::NOENT) => return Ok(Loaded::State(StateFile::default())),
+            Err(Errno::NOENT) => return Ok(View::Missing),
             Err(Errno::LOOP) => {
                 bail!("{} is a symbolic link; chan-run never follows one: remove it", self.shown())
             }
             Err(e) => bail!("cannot read {}: {e}; fix it or pass another --state-dir", self.shown()),
         };
+        let mut start = vec![0u8; 4096];
+        let n = match file.read_at(&mut start, 0) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+                return Ok(View::Damaged("it is a directory".into()));
+            }
+            Err(e) => bail!("cannot read {}: {e}; fix it or pass another --state-dir", self.shown()),
+        };
+        if let Some(header) = slots::parse_header(&start[..n]) {
+            if header.version > VERSION {
+                bail!(self.newer(header.version));
+            }
+            return Ok(View::Slots(file, header));
+        }
+        let mut file = file;
+        file.seek(SeekFrom::Start(0)).with_context(|| format!("cannot read {}", self.shown()))?;
         let value: serde_json::Value =
             match serde_json::from_reader(BufReader::with_capacity(64 * 1024, file)) {
                 Ok(v) => v,
-                Err(e) if e.is_io() => match e.io_error_kind() {
-                    Some(std::io::ErrorKind::IsADirectory) => {
-                        return Ok(Loaded::Damaged("it is a directory".into()));
-                    }
-                    _ => bail!("cannot read {}: {e}; fix it or pass another --state-dir", self.shown()),
-                },
-                Err(e) => return Ok(Loaded::Damaged(e.to_string())),
+                Err(e) if e.is_io() => {
+                    bail!("cannot read {}: {e}; fix it or pass another --state-dir", self.shown())
+                }
+                Err(e) => return Ok(View::Damaged(e.to_string())),
             };
         if let Some(v) = value.get("version").and_then(|v| v.as_u64()).filter(|&v| v > VERSION) {
-            bail!(
-                "{} is from a newer chan-run (state version {v}, this one knows {VERSION}); upgrade chan-run",
-                self.shown()
-            );
+            bail!(self.newer(v));
         }
         match serde_json::from_value::<StateFile>(value) {
-            Ok(state) => Ok(Loaded::State(state)),
-            Err(e) => Ok(Loaded::Damaged(e.to_string())),
+            Ok(state) => Ok(View::Other(state)),
+            Err(e) => Ok(View::Damaged(e.to_string())),
         }
     }
 
-    /// Loads, moving a damaged file aside (under the state lock) with a warning.
-    pub fn load_or_quarantine(&self) -> anyhow::Result<StateFile> {
-        match self.load()? {
-            Loaded::State(s) => Ok(s),
-            Loaded::Damaged(_) => {
-                let _lock = self.lock()?;
-                self.load_locked()
-            }
-        }
-    }
-
-    fn load_locked(&self) -> anyhow::Result<StateFile> {
-        match self.load()? {
-            Loaded::State(s) => Ok(s),
-            Loaded::Damaged(why) => {
-                let moved = self.quarantine()?;
-                crate::warn(format!(
-                    "{} was damaged ({why}); moved it to {} and started from an empty state",
-                    self.shown(),
-                    self.path.join(&moved).display()
-                ));
-                Ok(StateFile::default())
-            }
-        }
-    }
-
-    /// The serialized read-modify-write.
-    pub fn update(&self, change: impl FnOnce(&mut StateFile)) -> anyhow::Result<()> {
-        let _lock = self.lock()?;
-        let mut state = self.load_locked()?;
-        state.version = VERSION;
-        change(&mut state);
-        self.save(&state)
-    }
-
-    fn lock(&self) -> anyhow::Result<StateLock<'_>> {
+    fn lock(&self, exclusive: bool) -> anyhow::Result<StateLock<'_>> {
+        let op = if exclusive { FlockOperation::LockExclusive } else { FlockOperation::LockShared };
         loop {
-            match rustix::fs::flock(self.dir, FlockOperation::LockExclusive) {
+            match rustix::fs::flock(self.dir, op) {
                 Err(Errno::INTR) => continue,
                 other => other.context("cannot lock the state directory")?,
             }
@@ -115,24 +386,8 @@ impl StateFiles<'_> {
         }
     }
 
-    fn save(&self, state: &StateFile) -> anyhow::Result<()> {
-        let failed = || format!("cannot write {}", self.shown());
-        let mut temp =
-            tempfile::Builder::new().prefix(".active.json.").tempfile_in(self.path).with_context(failed)?;
-        {
-            let mut out = BufWriter::with_capacity(64 * 1024, temp.as_file_mut());
-            serde_json::to_writer_pretty(&mut out, state).with_context(failed)?;
-            out.write_all(b"\n").with_context(failed)?;
-            out.flush().with_context(failed)?;
-        }
-        temp.as_file().sync_all().with_context(failed)?;
-        temp.persist(self.path.join(NAME)).map_err(|e| e.error).with_context(failed)?;
-        rustix::fs::fsync(self.dir).with_context(failed)?;
-        Ok(())
-    }
-
-    /// Renames the damaged file to a name no other file has (no-replace rename).
-    fn quarantine(&self) -> anyhow::Result<String> {
+    /// Moves the damaged file aside under a name no other file has, and says so.
+    fn quarantine(&self, why: &str) -> anyhow::Result<()> {
         let stamp =
             humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string().replace(':', "");
         for n in 0..1000 {
@@ -141,7 +396,14 @@ impl StateFiles<'_> {
                 n => format!("{NAME}.corrupt-{stamp}-{n}"),
             };
             match rename_noreplace(self.dir, NAME, &name) {
-                Ok(()) => return Ok(name),
+                Ok(()) => {
+                    crate::warn(format!(
+                        "{} was damaged ({why}); moved it to {} and started from an empty state",
+                        self.shown(),
+                        self.path.join(&name).display()
+                    ));
+                    return Ok(());
+                }
                 Err(Errno::EXIST) => continue,
                 Err(e) => bail!("cannot move the damaged {} aside: {e}", self.shown()),
             }
@@ -149,9 +411,107 @@ impl StateFiles<'_> {
         bail!("cannot find a free name to move the damaged {} to", self.shown())
     }
 
+    fn newer(&self, version: u64) -> String {
+        format!(
+            "{} is from a newer chan-run (state version {version}, this one knows {VERSION}); upgrade chan-run",
+            self.shown()
+        )
+    }
+
+    fn cannot_write(&self) -> String {
+        format!("cannot write {}", self.shown())
+    }
+
     fn shown(&self) -> String {
         self.path.join(NAME).display().to_string()
     }
+}
+
+fn extras_of(header: &Header) -> StateFile {
+    StateFile { version: header.version, channels: Default::default(), extra: header.extras.clone() }
+}
+
+/// Finds `name`'s slot: at the hint if it is there, else by a scan of the slots.
+fn find(file: &File, header: &Header, name: &str, hint: Option<u64>) -> anyhow::Result<Option<Found>> {
+    if let Some(offset) = hint.filter(|&o| o >= header.len && o.is_multiple_of(slots::UNIT))
+        && let Some(line) = read_slot(file, offset)
+        && let Slot::Member { name: found, record } = slots::parse_slot(&line)
+        && found == name
+    {
+        return Ok(Some(Found { offset, size: line.len() as u64, first: line[0] == b' ', record: *record }));
+    }
+    // A member line starts with its separator and then exactly this.
+    let mut key = serde_json::to_vec(name)?;
+    key.push(b':');
+    let mut result = None;
+    each_slot(file, header, |offset, line| {
+        if result.is_none()
+            && line.get(1..).is_some_and(|l| l.starts_with(&key))
+            && let Slot::Member { record, .. } = slots::parse_slot(line)
+        {
+            result = Some(Found { offset, size: line.len() as u64, first: line[0] == b' ', record: *record });
+        }
+    })?;
+    Ok(result)
+}
+
+/// The slot line starting at `offset`, if one ends (at a size it could have) there.
+fn read_slot(file: &File, offset: u64) -> Option<Vec<u8>> {
+    let mut size = slots::UNIT;
+    while size <= slots::MAX_SLOT {
+        if !offset.is_multiple_of(size) {
+            return None;
+        }
+        let mut line = vec![0u8; size as usize];
+        file.read_exact_at(&mut line, offset).ok()?;
+        match line.iter().position(|&b| b == b'\n') {
+            Some(end) if end as u64 + 1 == size => return Some(line),
+            Some(_) => return None,
+            None => size *= 2,
+        }
+    }
+    None
+}
+
+/// A slot that read as invalid, read again a few times (a concurrent in-place write).
+fn reread(file: &File, offset: u64, len: usize) -> Option<(String, ChannelRecord)> {
+    for _ in 0..3 {
+        let mut line = vec![0u8; len];
+        file.read_exact_at(&mut line, offset).ok()?;
+        if let Slot::Member { name, record } = slots::parse_slot(&line) {
+            return Some((name, *record));
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+/// Calls `each(offset, line)` for every slot line between the header and the end.
+fn each_slot(file: &File, header: &Header, mut each: impl FnMut(u64, &[u8])) -> anyhow::Result<()> {
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    reader.seek(SeekFrom::Start(header.len)).context("cannot read active.json")?;
+    let mut offset = header.len;
+    let mut line = Vec::with_capacity(slots::UNIT as usize);
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).context("cannot read active.json")?;
+        if n == 0 || line.last() != Some(&b'\n') || line.as_slice() == slots::TRAILER {
+            return Ok(());
+        }
+        each(offset, &line);
+        offset += n as u64;
+    }
+}
+
+/// Where the closing `}}` starts, if the file ends as this layout writes it.
+fn closing(file: &File, header: &Header) -> anyhow::Result<Option<u64>> {
+    let len = file.metadata().context("cannot read active.json")?.len();
+    let Some(end) = len.checked_sub(slots::TRAILER.len() as u64).filter(|&e| e >= header.len) else {
+        return Ok(None);
+    };
+    let mut tail = [0u8; 3];
+    file.read_exact_at(&mut tail, end).context("cannot read active.json")?;
+    Ok((tail == slots::TRAILER && (end - header.len).is_multiple_of(slots::UNIT)).then_some(end))
 }
 
 struct StateLock<'a>(&'a OwnedFd);
@@ -169,7 +529,8 @@ fn rename_noreplace(dir: &OwnedFd, from: &str, to: &str) -> rustix::io::Result<(
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn rename_noreplace(dir: &OwnedFd, from: &str, to: &str) -> rustix::io::Result<()> {
-    // Under the state lock nobody else quarantines, so check-then-rename cannot race.
+    // Under the exclusive state lock nobody else quarantines, so check-then-rename
+    // cannot race.
     match rustix::fs::statat(dir, to, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
         Ok(_) => Err(Errno::EXIST),
         Err(_) => rustix::fs::renameat(dir, from, dir, to),
