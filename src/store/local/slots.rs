@@ -81,15 +81,14 @@ pub fn parse_slot(line: &[u8]) -> Slot {
         return Slot::Filler;
     }
     let Some(body) = text.strip_prefix([' ', ',']) else { return Slot::Bad };
-    let Ok(map) = serde_json::from_str::<Map<String, Value>>(&format!("{{{body}}}")) else {
+    // Straight into the record type, with no intermediate `Value` tree.
+    let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<String, ChannelRecord>>(&format!("{{{body}}}"))
+    else {
         return Slot::Bad;
     };
     let mut entries = map.into_iter();
     match (entries.next(), entries.next()) {
-        (Some((name, value)), None) => match serde_json::from_value(value) {
-            Ok(record) => Slot::Member { name, record: Box::new(record) },
-            Err(_) => Slot::Bad,
-        },
+        (Some((name, record)), None) => Slot::Member { name, record: Box::new(record) },
         _ => Slot::Bad,
     }
 }
