@@ -11,6 +11,8 @@
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod state;
+
 use rustix::process::{Pid, Signal};
 use std::ffi::OsStr;
 use std::io::Read;

@@ -27,14 +27,24 @@ const MAX_ARG_BYTES: usize = 512;
 const PID_WIDTH: usize = 11;
 const TICKS_WIDTH: usize = 20;
 
+/// Opens (creating, 0600) a channel's lock file. Anything but a regular file there (a
+/// FIFO would block every read) is refused as `EINVAL`.
 pub fn open(locks: &OwnedFd, stem: &str) -> rustix::io::Result<File> {
     let fd = rustix::fs::openat(
         locks,
         format!("{stem}.lock"),
-        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
         Mode::from_raw_mode(0o600),
     )?;
+    if !is_regular(&fd) {
+        return Err(rustix::io::Errno::INVAL);
+    }
     Ok(File::from(fd))
+}
+
+pub fn is_regular(fd: &OwnedFd) -> bool {
+    rustix::fs::fstat(fd)
+        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile)
 }
 
 /// After taking the lock: does the path still name the file we locked? (A lock file
@@ -132,18 +142,24 @@ fn parse(buf: &[u8]) -> Contents {
 }
 
 /// Makes sure line 1 names `channel` and line 2 is a slot line; an empty file gets
-/// both, a different name is refused. Returns the header's length.
-pub fn claim_name(file: &File, channel: &str, contents: &Contents) -> anyhow::Result<u64> {
+/// both, a different name is refused. Returns the header's length, or `None` (with a
+/// warning) if it could not be written.
+pub fn claim_name(file: &File, channel: &str, contents: &Contents) -> anyhow::Result<Option<u64>> {
     match (&contents.name, contents.slot_line) {
-        (Some(name), Some(at)) if name == channel => Ok((at + SLOT_LINE) as u64),
+        (Some(name), Some(at)) if name == channel => Ok(Some((at + SLOT_LINE) as u64)),
         (Some(other), _) if other != channel => bail!(
             "the lock file of channel {channel:?} belongs to channel {other:?} (their shortened names collide); use a shorter channel name"
         ),
         _ => {
             let header = format!("{channel}\n{}", slot_line(None));
-            file.set_len(0)?;
-            file.write_all_at(header.as_bytes(), 0).context("cannot write the lock file")?;
-            Ok(header.len() as u64)
+            match file.set_len(0).and_then(|()| file.write_all_at(header.as_bytes(), 0)) {
+                Ok(()) => Ok(Some(header.len() as u64)),
+                Err(e) => {
+                    let _ = file.set_len(0);
+                    crate::warn(format!("cannot write the lock file ({e}); running without a holder record"));
+                    Ok(None)
+                }
+            }
         }
     }
 }
@@ -230,10 +246,11 @@ pub fn open_existing(locks: &OwnedFd, stem: &str) -> Option<(File, crate::procfs
     let fd = rustix::fs::openat(
         locks,
         format!("{stem}.lock"),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
         Mode::empty(),
     )
-    .ok()?;
+    .ok()
+    .filter(is_regular)?;
     let id = crate::procfs::file_id(&rustix::fs::fstat(&fd).ok()?);
     Some((File::from(fd), id))
 }

@@ -144,12 +144,14 @@ impl Inner {
     /// The held lock becomes a lease once the name is checked and leftovers are gone.
     fn lease(self: &Arc<Self>, channel: &Channel, file: File) -> anyhow::Result<Box<dyn Lease>> {
         let contents = lock::read(&file).context("cannot read the lock file")?;
+        // Without its header (a full disk) the lock still excludes; the run goes on
+        // without a holder record, as a bot should still answer.
         let header_len = lock::claim_name(&file, channel.name(), &contents)?;
         if let Some(left) = contents.record.as_ref().and_then(|r| r.leftover()) {
             crate::orphans::kill(&left);
         }
-        if contents.has_tail {
-            file.set_len(header_len).context("cannot clear the previous holder record")?;
+        if contents.has_tail && header_len.is_some() {
+            file.set_len(header_len.unwrap_or(0)).context("cannot clear the previous holder record")?;
         }
         Ok(Box::new(LocalLease {
             file,
@@ -310,6 +312,8 @@ impl Store for LocalStore {
 fn open_error(channel: &Channel, e: Errno) -> anyhow::Error {
     if e == Errno::LOOP || e == Errno::MLINK {
         anyhow!("locks/{}.lock is a symbolic link; chan-run never follows one: remove it", channel.stem())
+    } else if e == Errno::INVAL {
+        anyhow!("locks/{}.lock is not a regular file; remove it", channel.stem())
     } else {
         anyhow!("cannot open locks/{}.lock: {e}", channel.stem())
     }
@@ -331,7 +335,8 @@ fn subdir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
 
 struct LocalLease {
     file: File,
-    header_len: u64,
+    /// `None` if the header could not be written: then nothing more is written.
+    header_len: Option<u64>,
     channel: String,
     slots: Option<lock::Slots>,
     /// Where the channel's record is in `active.json`, and what the lock file says.
@@ -342,7 +347,9 @@ struct LocalLease {
 
 impl Lease for LocalLease {
     fn announce(&mut self, holder: &Holder) -> anyhow::Result<()> {
-        self.slots = Some(lock::announce(&self.file, self.header_len, &self.channel, holder)?);
+        if let Some(header_len) = self.header_len {
+            self.slots = Some(lock::announce(&self.file, header_len, &self.channel, holder)?);
+        }
         Ok(())
     }
 
@@ -368,10 +375,11 @@ impl Lease for LocalLease {
     }
 
     fn release(self: Box<Self>) -> anyhow::Result<()> {
+        let Some(header_len) = self.header_len else { return Ok(()) };
         if self.hint != self.hint_written {
-            lock::write_hint(&self.file, self.header_len, self.hint);
+            lock::write_hint(&self.file, header_len, self.hint);
         }
-        self.file.set_len(self.header_len).context("cannot clear the holder record")?;
+        self.file.set_len(header_len).context("cannot clear the holder record")?;
         Ok(())
     }
 }

@@ -91,7 +91,7 @@ impl QueueDir {
             let Ok(fd) = rustix::fs::openat(
                 &self.dir,
                 ticket_name(seq),
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
                 Mode::empty(),
             ) else {
                 continue;
@@ -154,7 +154,7 @@ impl QueueDir {
         let fd = match rustix::fs::openat(
             &self.dir,
             &name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
@@ -202,7 +202,7 @@ impl QueueDir {
         let fd = match rustix::fs::openat(
             &self.dir,
             &name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
         ) {
             Ok(fd) => fd,

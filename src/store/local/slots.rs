@@ -82,7 +82,8 @@ pub fn parse_slot(line: &[u8]) -> Slot {
     }
     let Some(body) = text.strip_prefix([' ', ',']) else { return Slot::Bad };
     // Straight into the record type, with no intermediate `Value` tree.
-    let Ok(map) = serde_json::from_str::<std::collections::BTreeMap<String, ChannelRecord>>(&format!("{{{body}}}"))
+    let Ok(map) =
+        serde_json::from_str::<std::collections::BTreeMap<String, ChannelRecord>>(&format!("{{{body}}}"))
     else {
         return Slot::Bad;
     };

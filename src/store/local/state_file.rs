@@ -333,9 +333,20 @@ impl StateFiles<'_> {
     /// `writable`: opened for the in-place writes of an update.
     fn view_for(&self, writable: bool) -> anyhow::Result<View> {
         let access = if writable { OFlags::RDWR } else { OFlags::RDONLY };
-        let flags = access | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        // Non-blocking, so a FIFO planted here cannot hang the open.
+        let flags = access | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         let file = match rustix::fs::openat(self.dir, NAME, flags, Mode::empty()) {
-            Ok(fd) => File::from(fd),
+            Ok(fd) => {
+                let kind = rustix::fs::fstat(&fd).map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode));
+                match kind {
+                    Ok(rustix::fs::FileType::RegularFile) => File::from(fd),
+                    Ok(rustix::fs::FileType::Directory) => {
+                        return Ok(View::Damaged("it is a directory".into()));
+                    }
+                    _ => bail!("{} is not a regular file; remove it", self.shown()),
+                }
+            }
+            Err(Errno::ISDIR) => return Ok(View::Damaged("it is a directory".into())),
             Err(Errno::NOENT) => return Ok(View::Missing),
             Err(Errno::LOOP) => {
                 bail!("{} is a symbolic link; chan-run never follows one: remove it", self.shown())
