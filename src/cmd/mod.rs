@@ -1,3 +1,7 @@
+//! One module per subcommand, gluing the store, the supervisor and the state together;
+//! and what `run` and `reset` share: queueing for a channel as `-n`/`-w`/`-E` say, with
+//! the waiting line on a terminal.
+
 pub mod reset;
 pub mod run;
 pub mod status;
