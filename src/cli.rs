@@ -27,6 +27,43 @@ pub enum Command {
     Status(StatusArgs),
     /// Forget CHANNEL's session id, so its next run starts a fresh conversation.
     Reset(ResetArgs),
+    /// Show CHANNEL's last runs, newest first.
+    History(HistoryArgs),
+    /// Remove the records, logs and lock files of channels idle for longer than DUR.
+    Gc(GcArgs),
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The channel
+    #[arg(value_name = "CHANNEL")]
+    pub channel: String,
+
+    /// How many runs to show
+    #[arg(short = 'n', long = "lines", value_name = "N", default_value_t = 20)]
+    pub count: usize,
+
+    /// Print JSON Lines instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Remove channels whose last run ended more than DUR ago (and that nobody holds or waits for)
+    #[arg(long, value_name = "DUR", value_parser = crate::duration::parse)]
+    pub idle_for: Duration,
+
+    /// Only list what would be removed
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

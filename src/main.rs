@@ -16,6 +16,7 @@ mod cmd;
 mod control;
 mod duration;
 mod exit_code;
+mod history;
 mod orphans;
 mod procfs;
 mod pump;
@@ -44,17 +45,41 @@ fn main() -> ExitCode {
 
 fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     let dir = cli.state_dir.as_deref();
-    if let cli::Command::Status(args) = cli.command {
-        // `status` creates nothing: with no state directory yet there is nothing to list.
-        let store = store::open_existing(dir)?;
-        return cmd::status::status(store.as_deref(), args);
+    match cli.command {
+        // These create nothing: with no state directory yet there is nothing to show.
+        cli::Command::Status(args) => {
+            return cmd::status::status(store::open_existing(dir)?.as_deref(), args);
+        }
+        cli::Command::History(args) => {
+            return cmd::history::history(store::open_existing(dir)?.as_deref(), args);
+        }
+        cli::Command::Completions { shell } => {
+            let mut command = <cli::Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "chan-run", &mut script);
+            cmd::status::write_out(&String::from_utf8_lossy(&script))?;
+            return Ok(0);
+        }
+        cli::Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<cli::Cli as clap::CommandFactory>::command()).render(&mut page)?;
+            cmd::status::write_out(&String::from_utf8_lossy(&page))?;
+            return Ok(0);
+        }
+        _ => {}
     }
     let control = control::Control::install()?;
     let store = store::open(dir)?;
     match cli.command {
         cli::Command::Run(args) => cmd::run::run(store.as_ref(), args, &control),
         cli::Command::Reset(args) => cmd::reset::reset(store.as_ref(), args, &control),
-        cli::Command::Status(_) => unreachable!("handled above"),
+        cli::Command::Gc(args) => cmd::gc::gc(store.as_ref(), args, &control),
+        cli::Command::Status(_)
+        | cli::Command::History(_)
+        | cli::Command::Completions { .. }
+        | cli::Command::Man => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! and what `run` and `reset` share: queueing for a channel as `-n`/`-w`/`-E` say, with
 //! the waiting line on a terminal.
 
+pub mod gc;
+pub mod history;
 pub mod reset;
 pub mod run;
 pub mod status;

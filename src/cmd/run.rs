@@ -25,6 +25,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
     };
     let record = lease.record()?;
     let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
+    let session_before = record.session_id.clone();
     let session = record.session_id.filter(|_| !args.no_session);
     if let (Some(_), Some(made_in), Some(here)) = (&session, &record.session_cwd, &cwd)
         && made_in != here
@@ -81,11 +82,29 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
             crate::session::find(tail, whole, &args.session_key)
         }
     };
-    let result = RunResult { last_run, new_session, cwd, fresh_after: args.fresh_after };
+    let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
     // Recorded before the lock is released; a failure here must not change the exit
     // status: the command ran, and a bot must not send the message again.
-    if let Err(e) = lease.update(&mut |r| r.apply(result.clone())) {
+    let mut session_after = session_before.clone();
+    if let Err(e) = lease.update(&mut |r| {
+        r.apply(result.clone());
+        session_after = r.session_id.clone();
+    }) {
         crate::warn(format!("the run was not recorded in active.json ({e:#}); exit status kept"));
+    }
+    let entry = crate::history::Entry {
+        started_at: last_run.started_at,
+        finished_at: last_run.finished_at,
+        duration_ms: last_run.duration_ms,
+        outcome: last_run.outcome,
+        exit_code: last_run.exit_code,
+        signal: last_run.signal,
+        session_before,
+        session_after,
+        pid: me,
+    };
+    if let Err(e) = lease.log(&entry) {
+        crate::warn(format!("the run was not added to the channel's history ({e:#})"));
     }
     if let Err(e) = lease.release() {
         crate::warn(format!("{e:#}"));

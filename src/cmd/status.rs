@@ -22,7 +22,8 @@ pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<u8>
     }
     if args.json {
         let list: Vec<_> = channels.iter().map(to_json).collect();
-        let text = serde_json::to_string_pretty(&json!({"version": 1, "channels": list}))?;
+        let text =
+            serde_json::to_string_pretty(&json!({"version": 1, "channels": list, "warnings": warnings}))?;
         write_out(&format!("{text}\n"))?;
     } else {
         write_out(&table(&channels, SystemTime::now()))?;
@@ -31,7 +32,7 @@ pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<u8>
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error.
-fn write_out(text: &str) -> anyhow::Result<()> {
+pub fn write_out(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     match std::io::stdout().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),

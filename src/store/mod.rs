@@ -78,10 +78,27 @@ pub struct Waiter {
     pub since: Option<String>,
 }
 
+/// One channel `gc` looked at.
+#[derive(Clone, Debug)]
+pub struct GcItem {
+    pub channel: String,
+    /// How long since its last run ended.
+    pub idle: Duration,
+    /// Removed (or, with `--dry-run`, would be); else why it was kept.
+    pub kept: Option<&'static str>,
+}
+
 pub trait Store {
+    /// Removes the records, logs, queue folders and lock files of channels whose last
+    /// run ended more than `idle_for` ago and that nobody holds or waits for.
+    fn gc(&self, idle_for: Duration, dry_run: bool) -> anyhow::Result<Vec<GcItem>>;
+
     /// Every known channel (or the ones named), without taking or joining anything:
     /// never blocks behind a run, never makes a concurrent run fail.
     fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)>;
+
+    /// The channel's newest `n` runs, newest first.
+    fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>>;
 
     /// Joins the channel's queue and returns once this caller holds the channel, the
     /// wait is given up, or a forwarded signal arrives (seen through `control`). Before
@@ -109,6 +126,8 @@ pub trait Lease {
     fn record(&mut self) -> anyhow::Result<ChannelRecord>;
     /// Changes the channel's record in the serialized read-modify-write.
     fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()>;
+    /// Appends the run to the channel's history (while the lock is held).
+    fn log(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()>;
     /// The clean end: the command is gone; clears the holder record and unlocks.
     fn release(self: Box<Self>) -> anyhow::Result<()>;
 }

@@ -255,6 +255,21 @@ pub fn open_existing(locks: &OwnedFd, stem: &str) -> Option<(File, crate::procfs
     Some((File::from(fd), id))
 }
 
+/// How long ago the lock file was last written (for channels with no record).
+pub fn modified_ago(locks: &OwnedFd, stem: &str) -> Option<Duration> {
+    let st = rustix::fs::statat(locks, format!("{stem}.lock"), AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    let modified = std::time::UNIX_EPOCH + Duration::from_secs(st.st_mtime.max(0) as u64);
+    SystemTime::now().duration_since(modified).ok()
+}
+
+/// Removes the lock file while its lock is held (`gc`); every acquirer checks after
+/// locking that the path still names the file it locked, and starts over if not.
+pub fn remove(locks: &OwnedFd, stem: &str, held: &File) {
+    if still_named(locks, stem, held) {
+        let _ = rustix::fs::unlinkat(locks, format!("{stem}.lock"), AtFlags::empty());
+    }
+}
+
 /// The channel names recorded in the lock files (line 1 of each).
 pub fn names(locks: &OwnedFd) -> Vec<String> {
     let Ok(mut dir) = rustix::fs::Dir::read_from(locks) else { return Vec::new() };

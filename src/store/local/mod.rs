@@ -9,6 +9,7 @@
 //! command never inherits a lock, so a descendant that outlives a run cannot wedge
 //! its channel.
 
+mod history;
 mod lock;
 mod queue;
 mod slots;
@@ -18,7 +19,7 @@ use crate::channel::Channel;
 use crate::control::Control;
 use crate::state::ChannelRecord;
 use crate::store::{AcquireError, Holder, Lease, Store, Wait, WaitNote};
-use crate::store::{ChannelStatus, HolderView};
+use crate::store::{ChannelStatus, GcItem, HolderView};
 use anyhow::{Context, anyhow, bail};
 use queue::{QueueDir, Ticket};
 use rustix::fd::{OwnedFd, RawFd};
@@ -29,7 +30,7 @@ use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 pub struct LocalStore {
     inner: Arc<Inner>,
@@ -40,6 +41,9 @@ struct Inner {
     dir: OwnedFd,
     locks: OwnedFd,
     queues: OwnedFd,
+    history: OwnedFd,
+    /// The kind of network filesystem the state directory is on, if it is on one.
+    network: Option<&'static str>,
 }
 
 impl LocalStore {
@@ -71,7 +75,15 @@ impl LocalStore {
             subdir(&dir, "locks").with_context(|| format!("cannot use {}; remove it", named("locks")))?;
         let queues =
             subdir(&dir, "queue").with_context(|| format!("cannot use {}; remove it", named("queue")))?;
-        Ok(LocalStore { inner: Arc::new(Inner { root: root.to_owned(), dir, locks, queues }) })
+        let history =
+            subdir(&dir, "history").with_context(|| format!("cannot use {}; remove it", named("history")))?;
+        let network = network_filesystem(&dir);
+        if let Some(kind) = network {
+            crate::warn(network_warning(root, kind));
+        }
+        Ok(LocalStore {
+            inner: Arc::new(Inner { root: root.to_owned(), dir, locks, queues, history, network }),
+        })
     }
 }
 
@@ -81,10 +93,29 @@ impl Inner {
     }
 
     /// Steps 1-3 of the queue protocol: the lock at once, busy, or a ticket.
+    /// Opens the channel's queue folder and registers there (steps 1-3), starting over
+    /// in a new folder if clean-up removed the one it opened.
+    fn register_fresh(
+        &self,
+        channel: &Channel,
+        blocking: bool,
+    ) -> anyhow::Result<(Arc<QueueDir>, Registered)> {
+        loop {
+            let queue = Arc::new(QueueDir::open(&self.queues, channel.stem())?);
+            match self.register(&queue, channel, blocking)? {
+                Registered::Stale => continue,
+                registered => return Ok((queue, registered)),
+            }
+        }
+    }
+
     fn register(&self, queue: &QueueDir, channel: &Channel, blocking: bool) -> anyhow::Result<Registered> {
         let Some(reg) = queue.register(blocking).context("cannot lock the queue")? else {
             return Ok(Registered::Contended);
         };
+        if !queue.still_linked(&self.queues, channel.stem()) {
+            return Ok(Registered::Stale);
+        }
         let (tickets, live) = queue.live_top(&reg).context("cannot read the queue")?;
         if !live && let Some(file) = self.try_lock(channel)? {
             return Ok(Registered::Held(file));
@@ -157,6 +188,7 @@ impl Inner {
             file,
             header_len,
             channel: channel.name().to_owned(),
+            stem: channel.stem().to_owned(),
             slots: None,
             hint: contents.hint,
             hint_written: contents.hint,
@@ -201,11 +233,53 @@ impl Inner {
     }
 }
 
+/// A channel `gc` holds: its registration lock and its lock, no live waiter.
+struct GcHold {
+    channel: Channel,
+    queue: Option<QueueDir>,
+    file: File,
+}
+
+impl Inner {
+    /// Takes an idle channel for removal without waiting: `Err(why)` if anybody holds
+    /// it, waits for it or is registering, or it ran since the candidates were read.
+    fn hold_for_gc(
+        &self,
+        channel: &Channel,
+        idle_for: Duration,
+    ) -> anyhow::Result<Result<GcHold, &'static str>> {
+        let queue = QueueDir::open_existing(&self.queues, channel.stem()).ok();
+        if let Some(queue) = &queue {
+            if !queue.hold_registration()? || !queue.still_linked(&self.queues, channel.stem()) {
+                return Ok(Err("busy"));
+            }
+            if queue.has_live()? {
+                return Ok(Err("busy"));
+            }
+        }
+        let Some(file) = self.try_lock(channel)? else { return Ok(Err("busy")) };
+        let contents = lock::read(&file)?;
+        let (record, _) = self.state().read_channel(channel.name(), contents.hint)?;
+        if idle_since(&record).is_some_and(|idle| idle <= idle_for) {
+            return Ok(Err("ran since"));
+        }
+        Ok(Ok(GcHold { channel: channel.clone(), queue, file }))
+    }
+}
+
+/// How long ago the record's last run ended.
+fn idle_since(record: &ChannelRecord) -> Option<Duration> {
+    let finished = humantime::parse_rfc3339(&record.last_run.as_ref()?.finished_at).ok()?;
+    SystemTime::now().duration_since(finished).ok()
+}
+
 enum Registered {
     Held(File),
     Queued(Ticket, WaitNote),
     /// Somebody else holds the registration lock right now.
     Contended,
+    /// The folder was removed by clean-up after it was opened.
+    Stale,
 }
 
 enum Progress {
@@ -214,9 +288,69 @@ enum Progress {
 }
 
 impl Store for LocalStore {
+    fn gc(&self, idle_for: Duration, dry_run: bool) -> anyhow::Result<Vec<GcItem>> {
+        let inner = &self.inner;
+        let state = match inner.state().load()? {
+            Loaded::State(s) => s,
+            Loaded::Damaged(why) => bail!("active.json is damaged ({why}); any run moves it aside first"),
+        };
+        let mut candidates = Vec::new();
+        for (name, record) in &state.channels {
+            if let Some(idle) = idle_since(record).filter(|&idle| idle > idle_for) {
+                candidates.push((Channel::new(name)?, idle));
+            }
+        }
+        for name in lock::names(&inner.locks) {
+            let Ok(channel) = Channel::new(&name) else { continue };
+            if !state.channels.contains_key(&name)
+                && let Some(idle) = lock::modified_ago(&inner.locks, channel.stem()).filter(|&i| i > idle_for)
+            {
+                candidates.push((channel, idle));
+            }
+        }
+        let held = crate::procfs::held_flocks();
+        let mut items = Vec::new();
+        // In batches, so the locks held at once stay few and each batch is one rewrite.
+        for batch in candidates.chunks(256) {
+            let mut holds = Vec::new();
+            for (channel, idle) in batch {
+                let kept = if dry_run {
+                    inner.observe(channel, held.as_ref()).running.then_some("busy")
+                } else {
+                    match inner.hold_for_gc(channel, idle_for)? {
+                        Ok(hold) => {
+                            holds.push(hold);
+                            None
+                        }
+                        Err(why) => Some(why),
+                    }
+                };
+                items.push(GcItem { channel: channel.name().to_owned(), idle: *idle, kept });
+            }
+            if holds.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = holds.iter().map(|h| h.channel.name().to_owned()).collect();
+            inner.state().remove(&names)?;
+            for hold in holds {
+                history::remove(&inner.history, hold.channel.stem());
+                lock::remove(&inner.locks, hold.channel.stem(), &hold.file);
+                if let Some(queue) = &hold.queue {
+                    queue.remove(&inner.queues, hold.channel.stem());
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>> {
+        Ok(history::read(&self.inner.history, channel.stem(), n))
+    }
+
     fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)> {
         let inner = &self.inner;
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> =
+            inner.network.map(|kind| network_warning(&inner.root, kind)).into_iter().collect();
         let state = match inner.state().load()? {
             Loaded::State(s) => s,
             Loaded::Damaged(why) => {
@@ -253,15 +387,15 @@ impl Store for LocalStore {
         control: &Control,
         on_wait: &mut dyn FnMut(&WaitNote),
     ) -> Result<Box<dyn Lease>, AcquireError> {
-        let queue = Arc::new(QueueDir::open(&self.inner.queues, channel.stem())?);
-        let ticket = match self.inner.register(&queue, channel, false)? {
+        let (queue, registered) = self.inner.register_fresh(channel, false)?;
+        let ticket = match registered {
             Registered::Held(file) => return Ok(self.inner.lease(channel, file)?),
             _ if wait == Wait::No => return Err(AcquireError::Busy),
             Registered::Queued(ticket, note) => {
                 on_wait(&note);
                 Some(ticket)
             }
-            Registered::Contended => None,
+            Registered::Contended | Registered::Stale => None,
         };
         // The helper blocks in `flock`; if this thread gives up, it returns and the
         // caller exits: the kernel then drops the helper's waits and frees the ticket,
@@ -275,15 +409,17 @@ impl Store for LocalStore {
                 let _ = tx.send(p);
                 waker.wake();
             };
-            let ticket = match ticket {
-                Some(t) => t,
-                None => match inner.register(&helper_queue, &helper_channel, true) {
-                    Ok(Registered::Queued(t, note)) => {
+            let (helper_queue, ticket) = match ticket {
+                Some(t) => (helper_queue, t),
+                None => match inner.register_fresh(&helper_channel, true) {
+                    Ok((queue, Registered::Queued(t, note))) => {
                         send(Progress::Queued(note));
-                        t
+                        (queue, t)
                     }
-                    Ok(Registered::Held(file)) => return send(Progress::Done(Ok(file))),
-                    Ok(Registered::Contended) => unreachable!("a blocking registration waits its turn"),
+                    Ok((_, Registered::Held(file))) => return send(Progress::Done(Ok(file))),
+                    Ok((_, Registered::Contended | Registered::Stale)) => {
+                        unreachable!("a blocking registration waits its turn in a linked folder")
+                    }
                     Err(e) => return send(Progress::Done(Err(e))),
                 },
             };
@@ -319,6 +455,36 @@ fn open_error(channel: &Channel, e: Errno) -> anyhow::Error {
     }
 }
 
+fn network_warning(root: &Path, kind: &str) -> String {
+    format!(
+        "the state directory {} is on {kind}, where flock may be emulated or silently ineffective: runs on one channel may overlap across hosts; use a local directory",
+        root.display()
+    )
+}
+
+/// The network filesystem `dir` is on, by the filesystem's magic number (Linux).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn network_filesystem(dir: &OwnedFd) -> Option<&'static str> {
+    let kind = rustix::fs::fstatfs(dir).ok()?.f_type as u64;
+    Some(match kind {
+        0x6969 => "NFS",
+        0x517b | 0xff53_4d42 | 0xfe53_4d42 => "SMB/CIFS",
+        0x0102_1997 => "9P",
+        0x00c3_6400 => "CephFS",
+        0x5346_414f => "AFS",
+        0x7375_7245 => "Coda",
+        0x0bd0_0bd0 => "Lustre",
+        0x0116_1970 => "GFS2",
+        0x7461_636f => "OCFS2",
+        _ => return None,
+    })
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn network_filesystem(_dir: &OwnedFd) -> Option<&'static str> {
+    None
+}
+
 /// Creates (0700) and opens a subdirectory without following a symlink.
 fn subdir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
     match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
@@ -337,6 +503,7 @@ struct LocalLease {
     file: File,
     /// `None` if the header could not be written: then nothing more is written.
     header_len: Option<u64>,
+    stem: String,
     channel: String,
     slots: Option<lock::Slots>,
     /// Where the channel's record is in `active.json`, and what the lock file says.
@@ -372,6 +539,10 @@ impl Lease for LocalLease {
     fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()> {
         self.hint = self.store.state().update_channel(&self.channel, self.hint, change)?;
         Ok(())
+    }
+
+    fn log(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
+        history::append(&self.store.history, &self.stem, entry)
     }
 
     fn release(self: Box<Self>) -> anyhow::Result<()> {

@@ -109,6 +109,16 @@ impl QueueDir {
         waiters
     }
 
+    /// For clean-up, holding the registration lock: whether any ticket is live.
+    pub fn has_live(&self) -> rustix::io::Result<bool> {
+        for seq in self.tickets()?.into_iter().rev() {
+            if self.is_live(seq)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Step 1; `None` if `blocking` is false and somebody else is registering.
     pub fn register(&self, blocking: bool) -> rustix::io::Result<Option<Registration<'_>>> {
         let op =
@@ -118,6 +128,37 @@ impl QueueDir {
             Err(Errno::WOULDBLOCK) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether the folder is still `queues/<stem>` (clean-up removes an idle channel's
+    /// folder while holding its registration lock; whoever then gets that lock on the
+    /// removed folder must start over in a new one).
+    pub fn still_linked(&self, queues: &OwnedFd, stem: &str) -> bool {
+        let (Ok(open), Ok(named)) =
+            (rustix::fs::fstat(&self.dir), rustix::fs::statat(queues, stem, AtFlags::SYMLINK_NOFOLLOW))
+        else {
+            return false;
+        };
+        (open.st_dev, open.st_ino) == (named.st_dev, named.st_ino)
+    }
+
+    /// For clean-up: takes the registration lock without waiting, and keeps it for as
+    /// long as this value lives (closing the folder releases it).
+    pub fn hold_registration(&self) -> rustix::io::Result<bool> {
+        match rustix::fs::flock(&self.dir, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(Errno::WOULDBLOCK) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// For clean-up, holding the registration lock with no live ticket: removes the
+    /// dead tickets and the folder itself.
+    pub fn remove(&self, queues: &OwnedFd, stem: &str) {
+        for seq in self.tickets().unwrap_or_default() {
+            let _ = rustix::fs::unlinkat(&self.dir, ticket_name(seq), AtFlags::empty());
+        }
+        let _ = rustix::fs::unlinkat(queues, stem, AtFlags::REMOVEDIR);
     }
 
     /// Ticket numbers present in the folder, ascending (live or not yet cleaned).

@@ -61,6 +61,13 @@ enum View {
     Damaged(String),
 }
 
+/// What `copy_blanking` wrote.
+struct Copied {
+    written: u64,
+    kept_member: bool,
+    blanked: Vec<(String, ChannelRecord)>,
+}
+
 /// A channel's slot, as found.
 struct Found {
     offset: u64,
@@ -229,48 +236,95 @@ impl StateFiles<'_> {
         change: &mut dyn FnMut(&mut ChannelRecord),
     ) -> anyhow::Result<Option<u64>> {
         let mut out = self.temp()?;
-        let mut head = vec![0u8; header.len as usize];
-        file.read_exact_at(&mut head, 0).with_context(|| self.cannot_write())?;
         let mut body = BufWriter::with_capacity(256 * 1024, out.as_file_mut());
-        body.write_all(&head).with_context(|| self.cannot_write())?;
-        let mut seen_member = false;
-        let mut record = None;
-        let mut damaged = false;
-        let mut written = header.len;
-        each_slot(file, header, |offset, line| {
-            let mut line = line.to_vec();
-            match slots::parse_slot(&line) {
-                Slot::Member { record: r, .. } if offset == old => {
-                    record = Some(*r);
-                    line = slots::filler(line.len() as u64);
-                }
-                Slot::Member { .. } => {
-                    line[0] = if seen_member { b',' } else { b' ' };
-                    seen_member = true;
-                }
-                Slot::Filler => {}
-                Slot::Bad => damaged = true,
-            }
-            written += line.len() as u64;
-            let _ = body.write_all(&line);
-        })?;
-        let Some(mut record) = record.filter(|_| !damaged) else {
+        let Some(copied) = self.copy_blanking(file, header, &mut body, |offset, _| offset == old)? else {
             drop(body);
             self.quarantine("a record in it is not valid JSON")?;
             return self.fresh(StateFile::default(), name, change);
         };
+        let mut record = copied.blanked.into_iter().next().map(|(_, r)| r).unwrap_or_default();
         change(&mut record);
-        let member = slots::member(!seen_member, name, &record);
+        let first = !copied.kept_member;
+        let member = slots::member(first, name, &record);
         let size = slots::size_for(member.len()).context("the channel's record is too big to store")?;
-        let offset = slots::align(written, size);
-        body.write_all(&slots::fillers(written, offset)).with_context(|| self.cannot_write())?;
-        body.write_all(&slots::slot(!seen_member, name, &record, size))
-            .with_context(|| self.cannot_write())?;
-        body.write_all(slots::TRAILER).with_context(|| self.cannot_write())?;
-        body.flush().with_context(|| self.cannot_write())?;
+        let offset = slots::align(copied.written, size);
+        let mut tail = slots::fillers(copied.written, offset);
+        tail.extend(slots::slot(first, name, &record, size));
+        tail.extend(slots::TRAILER);
+        body.write_all(&tail).and_then(|()| body.flush()).with_context(|| self.cannot_write())?;
         drop(body);
         self.persist(out)?;
         Ok(Some(offset))
+    }
+
+    /// Removes the records of `names` (`gc`): a copy with their slots blanked, every
+    /// other record at its offset. A damaged file is left alone (an error).
+    pub fn remove(&self, names: &[String]) -> anyhow::Result<()> {
+        let _exclusive = self.lock(true)?;
+        match self.view_for(false)? {
+            View::Missing => Ok(()),
+            View::Damaged(why) => bail!("{} is damaged ({why}); any run moves it aside", self.shown()),
+            View::Other(mut state) => {
+                state.channels.retain(|name, _| !names.contains(name));
+                self.fresh(state, "", &mut |_| {}).map(drop)
+            }
+            View::Slots(file, header) => {
+                let mut out = self.temp()?;
+                let mut body = BufWriter::with_capacity(256 * 1024, out.as_file_mut());
+                let copied =
+                    self.copy_blanking(&file, &header, &mut body, |_, name| names.iter().any(|n| n == name))?;
+                if copied.is_none() {
+                    bail!("a record in {} is not valid JSON; any run moves it aside", self.shown());
+                }
+                body.write_all(slots::TRAILER)
+                    .and_then(|()| body.flush())
+                    .with_context(|| self.cannot_write())?;
+                drop(body);
+                self.persist(out)
+            }
+        }
+    }
+
+    /// Copies the header and every slot to `body`, each at its own offset: the members
+    /// `blank(offset, name)` picks become fillers (and are returned), the separators of
+    /// the members kept are made right (a space for the first, commas after). `None` if
+    /// a slot is not valid: the file is damaged.
+    fn copy_blanking(
+        &self,
+        file: &File,
+        header: &Header,
+        body: &mut impl Write,
+        mut blank: impl FnMut(u64, &str) -> bool,
+    ) -> anyhow::Result<Option<Copied>> {
+        let mut head = vec![0u8; header.len as usize];
+        file.read_exact_at(&mut head, 0).with_context(|| self.cannot_write())?;
+        body.write_all(&head).with_context(|| self.cannot_write())?;
+        let mut copied = Copied { written: header.len, kept_member: false, blanked: Vec::new() };
+        let mut damaged = false;
+        let mut failed = None;
+        each_slot(file, header, |offset, line| {
+            let mut line = line.to_vec();
+            match slots::parse_slot(&line) {
+                Slot::Member { name, record } if blank(offset, &name) => {
+                    copied.blanked.push((name, *record));
+                    line = slots::filler(line.len() as u64);
+                }
+                Slot::Member { .. } => {
+                    line[0] = if copied.kept_member { b',' } else { b' ' };
+                    copied.kept_member = true;
+                }
+                Slot::Filler => {}
+                Slot::Bad => damaged = true,
+            }
+            copied.written += line.len() as u64;
+            if failed.is_none() {
+                failed = body.write_all(&line).err();
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e).with_context(|| self.cannot_write());
+        }
+        Ok((!damaged).then_some(copied))
     }
 
     /// Writes a new file in this layout from `state` plus the change to `name`.

@@ -1,0 +1,23 @@
+//! `chan-run gc --idle-for DUR [--dry-run]`: removes what idle channels left behind.
+
+use crate::cli::GcArgs;
+use crate::control::Control;
+use crate::store::Store;
+
+pub fn gc(store: &dyn Store, args: GcArgs, _control: &Control) -> anyhow::Result<u8> {
+    let items = store.gc(args.idle_for, args.dry_run)?;
+    let mut out = String::new();
+    let verb = if args.dry_run { "would remove" } else { "removed" };
+    for item in &items {
+        let idle = crate::duration::short(item.idle);
+        match item.kept {
+            None => out.push_str(&format!("{verb} {} (idle {idle})\n", item.channel)),
+            Some(why) => out.push_str(&format!("kept {} (idle {idle}): {why}\n", item.channel)),
+        }
+    }
+    if items.is_empty() {
+        out.push_str("no channel idle that long\n");
+    }
+    super::status::write_out(&out)?;
+    Ok(0)
+}

@@ -1,0 +1,66 @@
+//! `chan-run history CHANNEL`: the channel's last runs, newest first.
+
+use crate::channel::Channel;
+use crate::cli::HistoryArgs;
+use crate::store::Store;
+
+pub fn history(store: Option<&dyn Store>, args: HistoryArgs) -> anyhow::Result<u8> {
+    let channel = Channel::new(&args.channel)?;
+    let entries = match store {
+        Some(store) => store.history(&channel, args.count)?,
+        None => Vec::new(),
+    };
+    let mut out = String::new();
+    if args.json {
+        for e in &entries {
+            out.push_str(&serde_json::to_string(e)?);
+            out.push('\n');
+        }
+    } else if entries.is_empty() {
+        out.push_str(&format!("no runs recorded for channel {channel}\n"));
+    } else {
+        let rows: Vec<[String; 5]> = entries
+            .iter()
+            .map(|e| {
+                let ended = match (e.exit_code, e.signal) {
+                    (_, Some(sig)) => format!("{} sig{sig}", e.outcome.as_str()),
+                    (Some(code), None) => format!("{} {code}", e.outcome.as_str()),
+                    (None, None) => e.outcome.as_str().to_owned(),
+                };
+                let session = match (&e.session_before, &e.session_after) {
+                    (before, after) if before == after => short_id(after),
+                    (before, after) => format!("{} -> {}", short_id(before), short_id(after)),
+                };
+                [
+                    e.started_at.clone(),
+                    crate::duration::short(std::time::Duration::from_millis(e.duration_ms)),
+                    ended,
+                    e.pid.to_string(),
+                    session,
+                ]
+            })
+            .collect();
+        let headers = ["STARTED", "TOOK", "ENDED", "PID", "SESSION"];
+        let mut widths = headers.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        for row in std::iter::once(headers.map(str::to_owned)).chain(rows) {
+            let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+    }
+    super::status::write_out(&out)?;
+    Ok(0)
+}
+
+fn short_id(id: &Option<String>) -> String {
+    match id {
+        None => "-".to_owned(),
+        Some(id) if id.chars().count() > 13 => format!("{}…", id.chars().take(12).collect::<String>()),
+        Some(id) => id.clone(),
+    }
+}
