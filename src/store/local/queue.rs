@@ -3,7 +3,9 @@
 //!
 //! Protocol (each step's crash outcome in brackets; every lock is a `flock`, freed by
 //! the kernel when its holder dies):
-//! 1. Take the registration lock (held for microseconds) [dies: lock freed].
+//! 1. Take the registration lock (held for microseconds) [dies: lock freed]. If the
+//!    folder was removed meanwhile (`gc` removes an idle channel's folder holding this
+//!    lock, with no live ticket), start over in a new folder.
 //! 2. Find the live tickets: a ticket is live while its owner holds it `LOCK_EX`; a
 //!    `LOCK_SH|LOCK_NB` probe that succeeds proves its owner gone, and the dead ticket
 //!    is unlinked [dies: nothing changed but dead files removed].
