@@ -441,3 +441,162 @@ pub fn assert_between(elapsed: Duration, min: Duration, max: Duration) {
 pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
+
+// ---------------------------------------------------------------------------------
+// Helpers of the fault and load suite (crash.rs, load.rs, hostile.rs, bad_input.rs).
+
+/// Whether the heavy loops are on (`CHAN_RUN_HEAVY=1`; `.ci/run` sets it).
+pub fn heavy() -> bool {
+    std::env::var("CHAN_RUN_HEAVY").is_ok_and(|v| v == "1")
+}
+
+/// `light` for a plain `cargo test`, `heavy_n` under `CHAN_RUN_HEAVY=1`.
+pub fn scaled(light: usize, heavy_n: usize) -> usize {
+    if heavy() { heavy_n } else { light }
+}
+
+/// A small seeded PRNG (xorshift64*). The seed comes from `CHAN_RUN_SEED` when set, so
+/// a failing sequence can be replayed; otherwise from the clock, and tests print it.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    /// The seed to use: `CHAN_RUN_SEED`, or one made from the clock and the pid.
+    pub fn seed() -> u64 {
+        if let Some(seed) = std::env::var("CHAN_RUN_SEED").ok().and_then(|s| s.parse().ok()) {
+            return seed;
+        }
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        (nanos as u64) ^ (u64::from(std::process::id()) << 32)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `num / den`.
+    pub fn chance(&mut self, num: u64, den: u64) -> bool {
+        self.below(den) < num
+    }
+
+    /// A uniformly random duration in `0..=max`, at microsecond resolution.
+    pub fn duration_up_to(&mut self, max: Duration) -> Duration {
+        Duration::from_micros(self.below(max.as_micros() as u64 + 1))
+    }
+
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+}
+
+/// `active.json` parsed whole with serde_json, as any reader (`jq`) would; `None` if
+/// there is none. Fails the test if it does not parse or lacks the documented shape.
+pub fn state_json(env: &TestEnv) -> Option<serde_json::Value> {
+    let bytes = match std::fs::read(env.state().join("active.json")) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("reading active.json: {e}"),
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!("active.json ({} bytes) does not parse: {e}; ends with {:?}", bytes.len(), tail_text(&bytes))
+    });
+    assert_eq!(value["version"], 1, "active.json's version");
+    assert!(value["channels"].is_object(), "active.json has a channels object");
+    Some(value)
+}
+
+/// The last bytes of a file, for a failure message.
+pub fn tail_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(80)..]).into_owned()
+}
+
+/// The `runs` count of `channel` in a parsed `active.json` (0 if it has no record).
+pub fn runs_in(state: Option<&serde_json::Value>, channel: &str) -> u64 {
+    state.and_then(|s| s["channels"][channel]["runs"].as_u64()).unwrap_or(0)
+}
+
+/// The quarantined copies of a damaged `active.json` in the state directory.
+pub fn quarantined(env: &TestEnv) -> Vec<String> {
+    list(env.state()).into_iter().filter(|n| n.starts_with("active.json.corrupt-")).collect()
+}
+
+/// Temporary files of an interrupted whole-file rewrite of `active.json`.
+pub fn stray_temp_files(env: &TestEnv) -> Vec<String> {
+    list(env.state()).into_iter().filter(|n| n.starts_with(".active.json.")).collect()
+}
+
+/// `VmHWM` (peak resident set) of a live process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Samples a process's peak RSS until it exits; `join` gives the highest value seen.
+pub struct PeakWatch(std::thread::JoinHandle<u64>);
+
+impl PeakWatch {
+    pub fn start(pid: u32) -> PeakWatch {
+        PeakWatch(std::thread::spawn(move || {
+            let mut peak = 0;
+            while let Some(kib) = peak_rss_kib(pid) {
+                peak = peak.max(kib);
+                if !is_alive(pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        }))
+    }
+
+    pub fn join(self) -> u64 {
+        self.0.join().expect("the peak watcher")
+    }
+}
+
+/// Live processes (not zombies) whose environment holds `VAR=value` exactly: a run
+/// started with a unique value is found in all its descendants, even detached ones.
+pub fn processes_with_env(var: &str, value: &str) -> Vec<u32> {
+    let entry = format!("{var}={value}");
+    let mut found = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if environ.split(|&b| b == 0).any(|kv| kv == entry.as_bytes()) && is_alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Blocks until `path` exists, checking every 100 µs (for kills timed against it);
+/// fails the test after [`PATIENCE`].
+pub fn wait_for_path_fast(path: &Path) {
+    let until = Instant::now() + PATIENCE;
+    while !path.exists() {
+        assert!(Instant::now() < until, "timed out waiting for {}", path.display());
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
