@@ -153,9 +153,6 @@ fn file_size_limit_hand_written_state_is_not_converted_and_kept() {
 }
 
 #[test]
-#[ignore = "bug: when the file-size limit is below active.json's size, a failed append \
-            truncates the file to before its closing `}}` and cannot write them back: the \
-            previous active.json is left invalid, and the next run quarantines every record"]
 fn file_size_limit_below_the_files_size_keeps_the_file_intact() {
     // Limit 1536 bytes, the file is 1539: the append fails at once (EFBIG at the end).
     let env = TestEnv::new();
@@ -167,9 +164,6 @@ fn file_size_limit_below_the_files_size_keeps_the_file_intact() {
 }
 
 #[test]
-#[ignore = "bug: an in-place update of a slot that straddles the file-size limit is half \
-            written: the record keeps a session id that is half the new one and half the old \
-            (still valid JSON), while chan-run says the run was not recorded"]
 fn file_size_limit_through_a_slot_never_tears_the_record() {
     // c's record (a 600-byte session id) sits in a 1024-byte slot at 1024..2048; the
     // limit (1536) cuts through it. The next run prints a new id of the same length.

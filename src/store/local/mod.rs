@@ -292,7 +292,7 @@ impl Store for LocalStore {
         let inner = &self.inner;
         let state = match inner.state().load()? {
             Loaded::State(s) => s,
-            Loaded::Damaged(why) => bail!("active.json is damaged ({why}); any run moves it aside first"),
+            Loaded::Damaged(why) => bail!("active.json is damaged ({why}); gc removes nothing until then"),
         };
         let mut candidates = Vec::new();
         for (name, record) in &state.channels {
@@ -354,10 +354,7 @@ impl Store for LocalStore {
         let state = match inner.state().load()? {
             Loaded::State(s) => s,
             Loaded::Damaged(why) => {
-                warnings.push(format!(
-                    "{} is damaged ({why}); the next run will move it aside",
-                    inner.root.join("active.json").display()
-                ));
+                warnings.push(format!("{} is damaged ({why})", inner.root.join("active.json").display()));
                 Default::default()
             }
         };

@@ -94,6 +94,18 @@ pub fn parse_slot(line: &[u8]) -> Slot {
     }
 }
 
+/// A cheap check of a slot line's shape, short of parsing it: a filler, or a separator,
+/// a key, and a closing brace before the padding.
+pub fn looks_whole(line: &[u8]) -> bool {
+    let body = line.strip_suffix(b"\n").unwrap_or(line).trim_ascii_end();
+    body.is_empty() || (matches!(body, [b' ' | b',', b'"', .., b'}']) && std::str::from_utf8(body).is_ok())
+}
+
+/// The key of a member line, if at least that much of it is readable.
+pub fn key_of(line: &[u8]) -> Option<String> {
+    serde_json::Deserializer::from_slice(line.get(1..)?).into_iter::<String>().next()?.ok()
+}
+
 /// The slot line for a record: separator, member, padding to `size`, newline.
 pub fn slot(first: bool, name: &str, record: &ChannelRecord, size: u64) -> Vec<u8> {
     pad(member(first, name, record), size)
@@ -185,6 +197,8 @@ mod tests {
         assert_eq!(parse_slot(&line[..40]), Slot::Bad);
         assert_eq!(parse_slot(b"garbage\n"), Slot::Bad);
         assert_eq!(parse_slot(b" \"a\":{},\"b\":{}\n"), Slot::Bad);
+        assert!(looks_whole(&line) && looks_whole(&filler(512)));
+        assert!(!looks_whole(&line[..40]) && !looks_whole(b"garbage\n"));
     }
 
     #[test]

@@ -22,12 +22,18 @@
 //!   of the directory [a stray temp file; `active.json` untouched]. Moves keep every
 //!   other record at its offset, so no other channel's hint goes stale.
 //!
-//! A file that is not in this layout but is valid state JSON (hand-edited, `{}`) is
-//! converted on the first write. A damaged file is never written into: it is moved to
-//! a fresh `active.json.corrupt-<UTC time>` name (a no-replace rename) with a warning,
-//! and the state starts empty. A newer `version`, or a file that cannot be read, is an
-//! error and is left untouched. Readers of the whole file (`status`, `jq`) may meet a
-//! record mid-update; `status` re-reads such a slot.
+//! Checks, each run: the header, the file's end (`}}` after whole slots) and its own
+//! slot; a scan (a new channel, a stale hint) checks the shape of every slot it passes.
+//! Where the layout does not hold, the file is read as plain JSON: valid state in
+//! another layout (hand-edited, `{}`, a newline added) is converted on the first write;
+//! anything else is damage, moved to a fresh `active.json.corrupt-<UTC time>` name (a
+//! no-replace rename) with a warning, the state starting empty. A damaged record of
+//! another channel is neither met nor touched by a run that rewrites its own slot in
+//! place; `status` names it, and that channel's next run moves the file aside. A newer
+//! `version`, a file that cannot be read or is not a regular file, is an error and is
+//! left untouched. A write that `RLIMIT_FSIZE` would cut short is refused before it
+//! starts. Readers of the whole file (`status`, `jq`) may meet a record mid-update;
+//! `status` re-reads such a slot.
 
 use super::slots::{self, Header, Slot};
 use crate::state::{ChannelRecord, StateFile, VERSION};
@@ -68,6 +74,21 @@ struct Copied {
     blanked: Vec<(String, ChannelRecord)>,
 }
 
+/// `active.json` as it bears on one channel.
+enum Resolved {
+    Missing,
+    Other(StateFile),
+    Damaged(String),
+    Slot(File, Header, Option<Found>),
+}
+
+enum Lookup {
+    Found(Found),
+    Absent,
+    /// A slot on the way does not parse: the layout does not hold.
+    Broken,
+}
+
 /// A channel's slot, as found.
 struct Found {
     offset: u64,
@@ -82,7 +103,7 @@ impl StateFiles<'_> {
         match self.view()? {
             View::Missing => Ok(Loaded::State(StateFile::default())),
             View::Other(state) => Ok(Loaded::State(state)),
-            View::Damaged(why) => Ok(Loaded::Damaged(why)),
+            View::Damaged(why) => Ok(Loaded::Damaged(format!("{why}; the next run moves it aside"))),
             View::Slots(file, header) => {
                 let mut state = extras_of(&header);
                 let mut bad = None;
@@ -96,11 +117,20 @@ impl StateFiles<'_> {
                         Some((name, record)) => {
                             state.channels.insert(name, record);
                         }
-                        None => bad = bad.or(Some(offset)),
+                        None => {
+                            if bad.is_none() {
+                                bad = Some((offset, slots::key_of(line)));
+                            }
+                        }
                     },
                 })?;
                 Ok(match bad {
-                    Some(at) => Loaded::Damaged(format!("the record at byte {at} is not valid JSON")),
+                    Some((at, Some(key))) => Loaded::Damaged(format!(
+                        "the record of channel {key:?} at byte {at} is not valid; the next run on that channel moves the file aside"
+                    )),
+                    Some((at, None)) => Loaded::Damaged(format!(
+                        "the line at byte {at} is not a valid record; the next run that adds a channel moves the file aside"
+                    )),
                     None => Loaded::State(state),
                 })
             }
@@ -114,21 +144,40 @@ impl StateFiles<'_> {
         name: &str,
         hint: Option<u64>,
     ) -> anyhow::Result<(ChannelRecord, Option<u64>)> {
-        match self.view()? {
-            View::Missing => Ok((ChannelRecord::default(), None)),
-            View::Other(mut state) => Ok((state.channels.remove(name).unwrap_or_default(), None)),
-            View::Slots(file, header) => match find(&file, &header, name, hint)? {
-                Some(found) => Ok((found.record, Some(found.offset))),
-                None => Ok((ChannelRecord::default(), None)),
-            },
-            View::Damaged(_) => {
+        match self.resolve(false, name, hint)? {
+            Resolved::Missing => Ok((ChannelRecord::default(), None)),
+            Resolved::Other(mut state) => Ok((state.channels.remove(name).unwrap_or_default(), None)),
+            Resolved::Slot(_, _, found) => {
+                Ok(found.map_or((ChannelRecord::default(), None), |f| (f.record, Some(f.offset))))
+            }
+            Resolved::Damaged(_) => {
                 let _lock = self.lock(true)?;
-                if let View::Damaged(why) = self.view()? {
+                if let Resolved::Damaged(why) = self.resolve(false, name, hint)? {
                     self.quarantine(&why)?;
                 }
                 Ok((ChannelRecord::default(), None))
             }
         }
+    }
+
+    /// The file as it bears on `name`: its slot (found or not), or, where the slot
+    /// layout does not hold up (a record that does not parse), the whole file read as
+    /// plain JSON: valid state in another layout, or damage.
+    fn resolve(&self, writable: bool, name: &str, hint: Option<u64>) -> anyhow::Result<Resolved> {
+        Ok(match self.view_for(writable)? {
+            View::Missing => Resolved::Missing,
+            View::Other(state) => Resolved::Other(state),
+            View::Damaged(why) => Resolved::Damaged(why),
+            View::Slots(file, header) => match find(&file, &header, name, hint)? {
+                Lookup::Found(found) => Resolved::Slot(file, header, Some(found)),
+                Lookup::Absent => Resolved::Slot(file, header, None),
+                Lookup::Broken => match self.whole(file)? {
+                    View::Other(state) => Resolved::Other(state),
+                    View::Damaged(why) => Resolved::Damaged(why),
+                    _ => Resolved::Damaged("a record in it is not valid".into()),
+                },
+            },
+        })
     }
 
     /// The read-modify-write of one channel's record; returns where the record now is.
@@ -141,32 +190,28 @@ impl StateFiles<'_> {
     ) -> anyhow::Result<Option<u64>> {
         {
             let _shared = self.lock(false)?;
-            if let View::Slots(file, header) = self.view_for(true)?
-                && let Some(found) = find(&file, &header, name, hint)?
+            if let Resolved::Slot(file, _, Some(found)) = self.resolve(true, name, hint)?
                 && let Some(offset) = self.in_place(&file, name, found, change)?
             {
                 return Ok(Some(offset));
             }
         }
         let _exclusive = self.lock(true)?;
-        let (file, header) = match self.view_for(true)? {
-            View::Slots(file, header) => (file, header),
-            View::Missing => return self.fresh(StateFile::default(), name, change),
-            View::Other(state) => return self.fresh(state, name, change),
-            View::Damaged(why) => {
+        match self.resolve(true, name, hint)? {
+            Resolved::Missing => self.fresh(StateFile::default(), name, change),
+            Resolved::Other(state) => self.fresh(state, name, change),
+            Resolved::Damaged(why) => {
                 self.quarantine(&why)?;
-                return self.fresh(StateFile::default(), name, change);
+                self.fresh(StateFile::default(), name, change)
             }
-        };
-        match find(&file, &header, name, hint)? {
-            Some(found) => {
+            Resolved::Slot(file, header, Some(found)) => {
                 let offset = found.offset;
                 match self.in_place(&file, name, found, change)? {
                     Some(offset) => Ok(Some(offset)),
                     None => self.grow(&file, &header, name, offset, change),
                 }
             }
-            None => self.append(&file, &header, name, change),
+            Resolved::Slot(file, header, None) => self.append(&file, &header, name, change),
         }
     }
 
@@ -187,6 +232,7 @@ impl StateFiles<'_> {
             return Ok(None);
         }
         let line = slots::slot(found.first, name, &found.record, found.size);
+        within_size_limit(found.offset + found.size).with_context(|| self.cannot_write())?;
         file.write_all_at(&line, found.offset).with_context(|| self.cannot_write())?;
         rustix::fs::fdatasync(file).with_context(|| self.cannot_write())?;
         Ok(Some(found.offset))
@@ -216,9 +262,12 @@ impl StateFiles<'_> {
         let mut bytes = slots::fillers(end, offset);
         bytes.extend(slots::slot(first, name, &record, size));
         bytes.extend(slots::TRAILER);
+        within_size_limit(end + bytes.len() as u64).with_context(|| self.cannot_write())?;
         if let Err(e) = file.write_all_at(&bytes, end) {
-            // Put the closing bytes back, so the file stays whole.
-            let _ = file.set_len(end).and_then(|()| file.write_all_at(slots::TRAILER, end));
+            // Put the closing bytes back (they were inside the file, so this needs no new
+            // space), then cut what was added: the file is as it was.
+            let _ = file.write_all_at(slots::TRAILER, end);
+            let _ = file.set_len(end + slots::TRAILER.len() as u64);
             return Err(e).with_context(|| self.cannot_write());
         }
         rustix::fs::fdatasync(file).with_context(|| self.cannot_write())?;
@@ -365,7 +414,18 @@ impl StateFiles<'_> {
         Ok(ours)
     }
 
+    /// A temp file for a rewrite, under the exclusive state lock; temp files of earlier
+    /// rewrites that were killed midway are removed first (only this lock's holder
+    /// writes one, so any there now is stale).
     fn temp(&self) -> anyhow::Result<tempfile::NamedTempFile> {
+        if let Ok(mut dir) = rustix::fs::Dir::read_from(self.dir) {
+            while let Some(Ok(entry)) = dir.read() {
+                let name = entry.file_name().to_bytes();
+                if name.starts_with(b".active.json.") {
+                    let _ = rustix::fs::unlinkat(self.dir, entry.file_name(), rustix::fs::AtFlags::empty());
+                }
+            }
+        }
         tempfile::Builder::new()
             .prefix(".active.json.")
             .tempfile_in(self.path)
@@ -419,9 +479,17 @@ impl StateFiles<'_> {
             if header.version > VERSION {
                 bail!(self.newer(header.version));
             }
-            return Ok(View::Slots(file, header));
+            // The layout's own shape: it ends in `}}` after whole slots. A file that
+            // does not is read as plain JSON: converted if valid, else damaged.
+            if closing(&file, &header)?.is_some() {
+                return Ok(View::Slots(file, header));
+            }
         }
-        let mut file = file;
+        self.whole(file)
+    }
+
+    /// The file read as one JSON document: state in another layout, or damage.
+    fn whole(&self, mut file: File) -> anyhow::Result<View> {
         file.seek(SeekFrom::Start(0)).with_context(|| format!("cannot read {}", self.shown()))?;
         let value: serde_json::Value =
             match serde_json::from_reader(BufReader::with_capacity(64 * 1024, file)) {
@@ -497,24 +565,38 @@ fn extras_of(header: &Header) -> StateFile {
 }
 
 /// Finds `name`'s slot: at the hint if it is there, else by a scan of the slots.
-fn find(file: &File, header: &Header, name: &str, hint: Option<u64>) -> anyhow::Result<Option<Found>> {
+/// Finds `name`'s slot: at the hint if it is there, else by a scan of the slots, which
+/// checks the shape of every slot on its way and parses the one with `name`'s key.
+fn find(file: &File, header: &Header, name: &str, hint: Option<u64>) -> anyhow::Result<Lookup> {
     if let Some(offset) = hint.filter(|&o| o >= header.len && o.is_multiple_of(slots::UNIT))
         && let Some(line) = read_slot(file, offset)
         && let Slot::Member { name: found, record } = slots::parse_slot(&line)
         && found == name
     {
-        return Ok(Some(Found { offset, size: line.len() as u64, first: line[0] == b' ', record: *record }));
+        return Ok(Lookup::Found(Found {
+            offset,
+            size: line.len() as u64,
+            first: line[0] == b' ',
+            record: *record,
+        }));
     }
     // A member line starts with its separator and then exactly this.
     let mut key = serde_json::to_vec(name)?;
     key.push(b':');
-    let mut result = None;
+    let mut result = Lookup::Absent;
     each_slot(file, header, |offset, line| {
-        if result.is_none()
-            && line.get(1..).is_some_and(|l| l.starts_with(&key))
-            && let Slot::Member { record, .. } = slots::parse_slot(line)
-        {
-            result = Some(Found { offset, size: line.len() as u64, first: line[0] == b' ', record: *record });
+        if !slots::looks_whole(line) {
+            result = Lookup::Broken;
+        } else if matches!(result, Lookup::Absent) && line.get(1..).is_some_and(|l| l.starts_with(&key)) {
+            result = match slots::parse_slot(line) {
+                Slot::Member { record, .. } => Lookup::Found(Found {
+                    offset,
+                    size: line.len() as u64,
+                    first: line[0] == b' ',
+                    record: *record,
+                }),
+                _ => Lookup::Broken,
+            };
         }
     })?;
     Ok(result)
@@ -577,6 +659,15 @@ fn closing(file: &File, header: &Header) -> anyhow::Result<Option<u64>> {
     let mut tail = [0u8; 3];
     file.read_exact_at(&mut tail, end).context("cannot read active.json")?;
     Ok((tail == slots::TRAILER && (end - header.len).is_multiple_of(slots::UNIT)).then_some(end))
+}
+
+/// Refuses a write that would reach past `RLIMIT_FSIZE`: the kernel would cut it short
+/// (tearing a record), where refusing first leaves the file as it was.
+fn within_size_limit(end: u64) -> std::io::Result<()> {
+    match rustix::process::getrlimit(rustix::process::Resource::Fsize).current {
+        Some(limit) if end > limit => Err(std::io::Error::from_raw_os_error(libc::EFBIG)),
+        _ => Ok(()),
+    }
 }
 
 struct StateLock<'a>(&'a OwnedFd);
