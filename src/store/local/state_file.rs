@@ -79,11 +79,11 @@ enum Resolved {
     Missing,
     Other(StateFile),
     Damaged(String),
-    Slot(File, Header, Option<Found>),
+    Slot(File, Header, Option<Box<Found>>),
 }
 
 enum Lookup {
-    Found(Found),
+    Found(Box<Found>),
     Absent,
     /// A slot on the way does not parse: the layout does not hold.
     Broken,
@@ -191,7 +191,7 @@ impl StateFiles<'_> {
         {
             let _shared = self.lock(false)?;
             if let Resolved::Slot(file, _, Some(found)) = self.resolve(true, name, hint)?
-                && let Some(offset) = self.in_place(&file, name, found, change)?
+                && let Some(offset) = self.in_place(&file, name, *found, change)?
             {
                 return Ok(Some(offset));
             }
@@ -206,7 +206,7 @@ impl StateFiles<'_> {
             }
             Resolved::Slot(file, header, Some(found)) => {
                 let offset = found.offset;
-                match self.in_place(&file, name, found, change)? {
+                match self.in_place(&file, name, *found, change)? {
                     Some(offset) => Ok(Some(offset)),
                     None => self.grow(&file, &header, name, offset, change),
                 }
@@ -573,12 +573,12 @@ fn find(file: &File, header: &Header, name: &str, hint: Option<u64>) -> anyhow::
         && let Slot::Member { name: found, record } = slots::parse_slot(&line)
         && found == name
     {
-        return Ok(Lookup::Found(Found {
+        return Ok(Lookup::Found(Box::new(Found {
             offset,
             size: line.len() as u64,
             first: line[0] == b' ',
             record: *record,
-        }));
+        })));
     }
     // A member line starts with its separator and then exactly this.
     let mut key = serde_json::to_vec(name)?;
