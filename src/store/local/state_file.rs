@@ -589,12 +589,12 @@ fn find(file: &File, header: &Header, name: &str, hint: Option<u64>) -> anyhow::
             result = Lookup::Broken;
         } else if matches!(result, Lookup::Absent) && line.get(1..).is_some_and(|l| l.starts_with(&key)) {
             result = match slots::parse_slot(line) {
-                Slot::Member { record, .. } => Lookup::Found(Found {
+                Slot::Member { record, .. } => Lookup::Found(Box::new(Found {
                     offset,
                     size: line.len() as u64,
                     first: line[0] == b' ',
                     record: *record,
-                }),
+                })),
                 _ => Lookup::Broken,
             };
         }
