@@ -6,8 +6,7 @@
 //! stranger. The group is killed with SIGKILL and waited for (pidfd) until gone.
 
 use crate::procfs::{self, ProcStat};
-use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::{Pid, Signal};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +65,10 @@ fn ticks_in(d: Duration) -> u64 {
     (d.as_nanos() / procfs::tick().as_nanos().max(1)) as u64
 }
 
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn wait_gone(members: &[ProcStat], until: Instant) {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    use rustix::process::PidfdFlags;
     for p in members {
         let Some(pid) = Pid::from_raw(p.pid as i32) else { continue };
         let Ok(fd) = rustix::process::pidfd_open(pid, PidfdFlags::empty()) else { continue };
@@ -78,3 +80,7 @@ fn wait_gone(members: &[ProcStat], until: Instant) {
         let _ = poll(&mut fds, Some(&timeout));
     }
 }
+
+/// Without `/proc` there are no members to wait for: `members` finds none.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn wait_gone(_members: &[ProcStat], _until: Instant) {}

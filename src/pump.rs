@@ -68,6 +68,7 @@ impl Pump {
         notice: Arc<OwnedFd>,
         waker: Waker,
     ) -> Pump {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         let _ = rustix::pipe::fcntl_setpipe_size(&src, PIPE_SIZE);
         let done = Arc::new(AtomicBool::new(false));
         let tail = Arc::new(Mutex::new(Tail::new(tail_cap)));
@@ -101,7 +102,7 @@ fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &AtomicBool, notice:
     let mut budget: Option<usize> = None;
     loop {
         if budget.is_none() && exited.load(Ordering::SeqCst) {
-            budget = Some(rustix::pipe::fcntl_getpipe_size(&src).unwrap_or(PIPE_SIZE));
+            budget = Some(pipe_size(&src));
         }
         match rustix::io::read(&src, &mut buf) {
             Ok(0) => return,
@@ -133,6 +134,17 @@ fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &AtomicBool, notice:
             Err(_) => return,
         }
     }
+}
+
+/// What the command's pipe can hold: the most it can have written before it exited.
+fn pipe_size(pipe: &OwnedFd) -> usize {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    return rustix::pipe::fcntl_getpipe_size(pipe).unwrap_or(PIPE_SIZE);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    return {
+        let _ = pipe;
+        PIPE_SIZE
+    };
 }
 
 fn write_all(dst: BorrowedFd<'_>, mut data: &[u8]) -> rustix::io::Result<()> {

@@ -462,8 +462,13 @@ fn network_warning(root: &Path, kind: &str) -> String {
 /// The network filesystem `dir` is on, by the filesystem's magic number (Linux).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn network_filesystem(dir: &OwnedFd) -> Option<&'static str> {
-    let kind = rustix::fs::fstatfs(dir).ok()?.f_type as u64;
-    Some(match kind {
+    network_kind(rustix::fs::fstatfs(dir).ok()?.f_type as u64)
+}
+
+/// The network filesystems among `statfs` magic numbers (linux/magic.h).
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+fn network_kind(magic: u64) -> Option<&'static str> {
+    Some(match magic {
         0x6969 => "NFS",
         0x517b | 0xff53_4d42 | 0xfe53_4d42 => "SMB/CIFS",
         0x0102_1997 => "9P",
@@ -549,5 +554,25 @@ impl Lease for LocalLease {
         }
         self.file.set_len(header_len).context("cannot clear the holder record")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_filesystems_are_named_and_local_ones_are_not() {
+        assert_eq!(network_kind(0x6969), Some("NFS"));
+        assert_eq!(network_kind(0xff53_4d42), Some("SMB/CIFS"));
+        assert_eq!(network_kind(0x00c3_6400), Some("CephFS"));
+        for local in [
+            0xef53,      /* ext4 */
+            0x0102_1994, /* tmpfs */
+            0x5846_5342, /* xfs */
+            0x9123_683e, /* btrfs */
+        ] {
+            assert_eq!(network_kind(local), None);
+        }
     }
 }

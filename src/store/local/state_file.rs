@@ -234,7 +234,7 @@ impl StateFiles<'_> {
         let line = slots::slot(found.first, name, &found.record, found.size);
         within_size_limit(found.offset + found.size).with_context(|| self.cannot_write())?;
         file.write_all_at(&line, found.offset).with_context(|| self.cannot_write())?;
-        rustix::fs::fdatasync(file).with_context(|| self.cannot_write())?;
+        file.sync_data().with_context(|| self.cannot_write())?;
         Ok(Some(found.offset))
     }
 
@@ -270,7 +270,7 @@ impl StateFiles<'_> {
             let _ = file.set_len(end + slots::TRAILER.len() as u64);
             return Err(e).with_context(|| self.cannot_write());
         }
-        rustix::fs::fdatasync(file).with_context(|| self.cannot_write())?;
+        file.sync_data().with_context(|| self.cannot_write())?;
         Ok(Some(offset))
     }
 
