@@ -3,8 +3,9 @@
 # pipeline with `cat` in chan-run's place:
 #   chan-run run -c x -- head -c 1G /dev/zero | cat >/dev/null
 #   head -c 1G /dev/zero | cat                | cat >/dev/null
-# Each middle stage runs under `/usr/bin/time -f %M` (peak RSS; for chan-run this is the
-# max over chan-run and the `head` it waits for). Pairs alternate which goes first;
+# Each middle stage runs under `/usr/bin/time -f "%M %w"`: peak RSS (for chan-run the max
+# over chan-run and the `head` it waits for) and voluntary context switches (chan-run's
+# count includes head's; a proxy for how many bytes each wake-up moves). Pairs alternate which goes first;
 # MB/s (10^6 bytes/s) is from the median wall. One more run counts the bytes that come
 # out of chan-run (nothing lost). State on tmpfs (/dev/shm).
 # Goals (issue 5): >= 0.5x cat's MB/s, and chan-run's peak RSS under 16 MiB.
@@ -20,15 +21,15 @@ mkwork work /dev/shm passthrough
 state=$work/state
 "$bin" --state-dir "$state" run -q -c x -- "$true_bin"
 
-one() { # one TOOL: prints "wall-seconds rss-KiB"
+one() { # one TOOL: prints "start end rss-KiB voluntary-switches"
   local t0 t1
   if [ "$1" = chan-run ]; then
     t0=$EPOCHREALTIME
-    /usr/bin/time -f %M -o "$work/rss" "$bin" --state-dir "$state" run -q -c x -- head -c "$size" /dev/zero | cat >/dev/null
+    /usr/bin/time -f "%M %w" -o "$work/rss" "$bin" --state-dir "$state" run -q -c x -- head -c "$size" /dev/zero | cat >/dev/null
     t1=$EPOCHREALTIME
   else
     t0=$EPOCHREALTIME
-    head -c "$size" /dev/zero | /usr/bin/time -f %M -o "$work/rss" cat | cat >/dev/null
+    head -c "$size" /dev/zero | /usr/bin/time -f "%M %w" -o "$work/rss" cat | cat >/dev/null
     t1=$EPOCHREALTIME
   fi
   echo "$t0 $t1 $(tail -1 "$work/rss")"
@@ -39,8 +40,8 @@ samples=()
 for ((p = 0; p < pairs; p++)); do
   if ((p % 2 == 0)); then order="cat chan-run"; else order="chan-run cat"; fi
   for tool in $order; do
-    read -r t0 t1 rss < <(one "$tool")
-    samples+=("$tool:$t0:$t1:$rss")
+    read -r t0 t1 rss csw < <(one "$tool")
+    samples+=("$tool:$t0:$t1:$rss:$csw")
   done
 done
 out=$("$bin" --state-dir "$state" run -q -c x -- head -c "$size" /dev/zero | wc -c)
@@ -49,15 +50,20 @@ import sys
 sys.path.insert(0, sys.argv[1])
 from benchlib import median, record
 n, out = int(sys.argv[2]), int(sys.argv[3])
-wall, rss = {"cat": [], "chan-run": []}, {"cat": [], "chan-run": []}
+wall, rss, csw = ({"cat": [], "chan-run": []} for _ in range(3))
 for s in sys.argv[4:]:
-    tool, t0, t1, kib = s.split(":")
+    tool, t0, t1, kib, sw = s.split(":")
     wall[tool].append(float(t1) - float(t0))
     rss[tool].append(int(kib))
+    csw[tool].append(int(sw))
 rate = {t: n / median(w) / 1e6 for t, w in wall.items()}
 for t in ("cat", "chan-run"):
     each = " ".join(f"{n / w / 1e6:.0f}" for w in wall[t])
     print(f"  {t:9} median {rate[t]:6.0f} MB/s (each: {each})   peak RSS max {max(rss[t]) / 1024:.1f} MiB")
+for t in ("cat", "chan-run"):
+    sw = median(csw[t])
+    print(f"  {t:9} voluntary context switches, median {sw:.0f} ({n / max(sw, 1) / 1024:.0f} KiB moved per switch)"
+          + (" (head's included)" if t == "chan-run" else ""))
 ratio = rate["chan-run"] / rate["cat"]
 mib = max(rss["chan-run"]) / 1024
 print(f"  chan-run / cat = {ratio:.2f} (goal >= 0.5); chan-run peak RSS {mib:.1f} MiB (goal < 16)")
