@@ -14,16 +14,28 @@ set -euo pipefail
 # shellcheck source=bench/lib.sh
 . "$(dirname "$0")/lib.sh"
 rounds=${1:-$([ "$QUICK" = 1 ] && echo 40 || echo 1200)}
+# The same code built static-pie (no dynamic loader at each start), where the
+# toolchain can: the build the README recommends for production on x86-64 Linux.
+static_bin=
+if [ "$(uname -m)-$(uname -s)" = x86_64-Linux ]; then
+  static_dir=${CARGO_TARGET_DIR:-$PWD/target}/static
+  if RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+    --target x86_64-unknown-linux-gnu --target-dir "$static_dir" 2>/dev/null; then
+    static_bin=$static_dir/x86_64-unknown-linux-gnu/release/chan-run
+  fi
+fi
 for base in /dev/shm /var/tmp; do
   mkwork work "$base" overhead
   # The first run creates the state directory and active.json: not counted.
   "$bin" --state-dir "$work/state" run -c x -- "$true_bin"
+  [ -z "$static_bin" ] || "$static_bin" --state-dir "$work/static-state" run -c x -- "$true_bin"
   echo "== per-run overhead on $base ($(fstype "$base")), $rounds interleaved rounds"
-  python3 - "$bench_dir" "$rounds" "$base" "$(fstype "$base")" "$work" "$bin" "$true_bin" <<'PY'
+  python3 - "$bench_dir" "$rounds" "$base" "$(fstype "$base")" "$work" "$bin" "$true_bin" "$static_bin" <<'PY'
 import sys
 sys.path.insert(0, sys.argv[1])
 from benchlib import interleave, median, pct, record
 rounds, base, fs, work, bin, true = int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7]
+static = sys.argv[8]
 spec = {
     "chan-run run -c x -- true": [bin, "--state-dir", f"{work}/state", "run", "-c", "x", "--", true],
     "flock L timeout 300 true": ["/usr/bin/flock", f"{work}/flock.lock", "/usr/bin/timeout", "300", true],
@@ -34,6 +46,8 @@ spec = {
     "flock --version": ["/usr/bin/flock", "--version"],
     "timeout --version": ["/usr/bin/timeout", "--version"],
 }
+if static:
+    spec["chan-run, static-pie build"] = [static, "--state-dir", f"{work}/static-state", "run", "-c", "x", "--", true]
 res = interleave(rounds, spec)
 names = list(spec)
 print(f"  {'command':30} {'p50 ms':>8} {'p10 ms':>8} {'p90 ms':>8}")
@@ -50,7 +64,12 @@ else:
 met = c <= limit
 print(f"  goal {goal}: limit {limit:.3f} ms, chan-run {c:.3f} ms -> {'met' if met else 'MISSED'}"
       f" ({'by' if met else 'over by'} {abs(c - limit):.3f} ms, {c / limit:.2f}x the limit)")
+if static:
+    s = median(res["chan-run, static-pie build"])
+    print(f"  static-pie build: {s:.3f} ms, {s / f:.2f}x flock+timeout ({'within' if s <= limit else 'over'} the goal's limit)")
 extra = f"; durable write {d:.2f} ms" if fs != "tmpfs" else ""
+if static:
+    extra += f"; static-pie build {median(res['chan-run, static-pie build']):.2f} ms"
 where = "tmpfs" if fs == "tmpfs" else f"disk, {fs}"
 record({"id": f"overhead-{'tmpfs' if fs == 'tmpfs' else 'disk'}", "what": f"1. per-run overhead, median wall ({where})",
         "figure": f"{c:.2f} ms", "ref": f"flock+timeout {f:.2f} ms ({c / f:.2f}x){extra}",

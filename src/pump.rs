@@ -97,14 +97,16 @@ impl Pump {
 fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &OwnedFd) {
     let dst = std_fd(dst);
     let _ = rustix::io::ioctl_fionbio(&src, true);
-    let mut buf = vec![0u8; BUF];
+    // Read into spare capacity: nothing is zeroed, and a quiet stream touches no pages.
+    let mut buf: Vec<u8> = Vec::with_capacity(BUF);
     // After the exit notice: how much more to pass on (what the pipe could hold then).
     let mut budget: Option<usize> = None;
     loop {
         if budget.is_none() && exited.load(Ordering::SeqCst) {
             budget = Some(pipe_size(&src));
         }
-        match rustix::io::read(&src, &mut buf) {
+        buf.clear();
+        match rustix::io::read(&src, rustix::buffer::spare_capacity(&mut buf)) {
             Ok(0) => return,
             Ok(n) => {
                 if let Ok(mut t) = tail.lock() {
