@@ -1,7 +1,8 @@
-//! Passing the command's stdout and stderr through, live. One thread per stream reads
-//! the command's pipe and writes chan-run's own descriptor with blocking writes (so a
-//! slow reader slows the command, as without chan-run), keeping only a bounded tail of
-//! stdout for the session id. When the command has exited, a pump passes on what is
+//! Passing the command's stdout and stderr through, live. One thread reads both of the
+//! command's pipes as data comes and writes chan-run's own descriptors with blocking
+//! writes (so a slow reader slows the command, as without chan-run; while one stream's
+//! reader is stuck, the other stream waits too), keeping only a bounded tail of stdout
+//! for the session id. When the command has exited, a pump passes on what is
 //! already in the pipe (at most one pipe's capacity more) and stops at the first moment
 //! the pipe is empty, even if a descendant still holds it open. Bytes already read are
 //! always written out, however slow the reader. If chan-run's own output is closed (`| head`), the pump
@@ -53,28 +54,28 @@ impl Tail {
 pub struct Pump {
     handle: Option<JoinHandle<()>>,
     done: Arc<AtomicBool>,
+    /// The tail of the first stream (the command's stdout).
     pub tail: Arc<Mutex<Tail>>,
 }
 
+/// One stream to pass on: the command's pipe, chan-run's own fd 1 or 2, and how many
+/// bytes of it to keep as a tail.
+pub struct Stream {
+    pub src: OwnedFd,
+    pub dst: i32,
+    pub tail_cap: usize,
+}
+
 impl Pump {
-    /// Copies `src` (the command's pipe) to `dst` (fd 1 or 2) on a new thread.
-    /// `exited` is set, and `notice` becomes readable (its writer closed), when the
-    /// command has exited.
-    pub fn start(
-        src: OwnedFd,
-        dst: i32,
-        tail_cap: usize,
-        exited: Arc<AtomicBool>,
-        notice: Arc<OwnedFd>,
-        waker: Waker,
-    ) -> Pump {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        let _ = rustix::pipe::fcntl_setpipe_size(&src, PIPE_SIZE);
+    /// Copies each stream's pipe to its destination on one new thread (one thread for
+    /// both: a second would cost as much as the rest of a quiet run). `exited` is set,
+    /// and `notice` becomes readable (its writer closed), when the command has exited.
+    pub fn start(streams: Vec<Stream>, exited: Arc<AtomicBool>, notice: Arc<OwnedFd>, waker: Waker) -> Pump {
         let done = Arc::new(AtomicBool::new(false));
-        let tail = Arc::new(Mutex::new(Tail::new(tail_cap)));
+        let tail = Arc::new(Mutex::new(Tail::new(streams.first().map_or(0, |s| s.tail_cap))));
         let (done2, tail2) = (Arc::clone(&done), Arc::clone(&tail));
         let handle = std::thread::spawn(move || {
-            copy(src, dst, &tail2, &exited, &notice);
+            copy(streams, &tail2, &exited, &notice);
             done2.store(true, Ordering::SeqCst);
             waker.wake();
         });
@@ -94,46 +95,73 @@ impl Pump {
     }
 }
 
-fn copy(src: OwnedFd, dst: i32, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &OwnedFd) {
-    let dst = std_fd(dst);
-    let _ = rustix::io::ioctl_fionbio(&src, true);
+/// A stream being copied.
+struct Open {
+    src: OwnedFd,
+    dst: BorrowedFd<'static>,
+    keeps_tail: bool,
+    /// After the exit notice: how much more to pass on (what the pipe could hold then).
+    budget: Option<usize>,
+}
+
+/// Round-robin over the open streams: read what each has, write it out (blocking: a
+/// slow reader slows the command, as it would without chan-run), and sleep in `poll`
+/// only when none has anything.
+fn copy(streams: Vec<Stream>, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &OwnedFd) {
+    let mut open: Vec<Open> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let _ = rustix::pipe::fcntl_setpipe_size(&s.src, PIPE_SIZE);
+            let _ = rustix::io::ioctl_fionbio(&s.src, true);
+            Open { src: s.src, dst: std_fd(s.dst), keeps_tail: i == 0 && s.tail_cap > 0, budget: None }
+        })
+        .collect();
     // Read into spare capacity: nothing is zeroed, and a quiet stream touches no pages.
     let mut buf: Vec<u8> = Vec::with_capacity(BUF);
-    // After the exit notice: how much more to pass on (what the pipe could hold then).
-    let mut budget: Option<usize> = None;
-    loop {
-        if budget.is_none() && exited.load(Ordering::SeqCst) {
-            budget = Some(pipe_size(&src));
-        }
-        buf.clear();
-        match rustix::io::read(&src, rustix::buffer::spare_capacity(&mut buf)) {
-            Ok(0) => return,
-            Ok(n) => {
-                if let Ok(mut t) = tail.lock() {
-                    t.push(&buf[..n]);
-                }
-                if write_all(dst, &buf[..n]).is_err() {
-                    return; // the reader is gone: dropping `src` closes the pipe
-                }
-                if let Some(left) = budget.as_mut() {
-                    *left = left.saturating_sub(n);
-                    if *left == 0 {
-                        return;
+    while !open.is_empty() {
+        let ended = exited.load(Ordering::SeqCst);
+        let mut idle = true;
+        open.retain_mut(|stream| {
+            if ended && stream.budget.is_none() {
+                stream.budget = Some(pipe_size(&stream.src));
+            }
+            buf.clear();
+            match rustix::io::read(&stream.src, rustix::buffer::spare_capacity(&mut buf)) {
+                Ok(0) => false,
+                Ok(n) => {
+                    idle = false;
+                    if stream.keeps_tail
+                        && let Ok(mut t) = tail.lock()
+                    {
+                        t.push(&buf[..n]);
+                    }
+                    // The reader is gone: dropping `src` closes the pipe (EPIPE for the command).
+                    if write_all(stream.dst, &buf[..n]).is_err() {
+                        return false;
+                    }
+                    match stream.budget.as_mut() {
+                        Some(left) => {
+                            *left = left.saturating_sub(n);
+                            *left > 0
+                        }
+                        None => true,
                     }
                 }
+                Err(Errno::INTR) => true,
+                // Empty: once the command has exited, this stream is done.
+                Err(Errno::AGAIN) => stream.budget.is_none(),
+                Err(_) => false,
             }
-            Err(Errno::INTR) => {}
-            Err(Errno::AGAIN) => {
-                if budget.is_some() {
-                    return;
-                }
-                let mut fds = [PollFd::new(&src, PollFlags::IN), PollFd::new(notice, PollFlags::IN)];
-                match poll(&mut fds, None) {
-                    Ok(_) | Err(Errno::INTR) => {}
-                    Err(_) => return,
-                }
+        });
+        if idle && !open.is_empty() {
+            let mut fds: Vec<PollFd> = open.iter().map(|s| PollFd::new(&s.src, PollFlags::IN)).collect();
+            fds.push(PollFd::new(notice, PollFlags::IN));
+            match poll(&mut fds, None) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(_) => return,
             }
-            Err(_) => return,
         }
     }
 }

@@ -10,7 +10,7 @@
 //! descendants do. A command that exits on its own leaves its group alone.
 
 use crate::control::Control;
-use crate::pump::{Pump, Tail};
+use crate::pump::{Pump, Stream, Tail};
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 use std::ffi::OsString;
 use std::io;
@@ -90,17 +90,16 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         Err(_) => unreachable_pipe(),
     };
     let exited = Arc::new(AtomicBool::new(false));
-    let pumps = [
-        child.stdout.take().map(|s| (s.into(), 1, plan.tail_cap)),
-        child.stderr.take().map(|s| (s.into(), 2, 0)),
-    ]
-    .into_iter()
-    .flatten()
-    .filter_map(|(fd, dst, cap)| {
-        let waker = control.waker().ok()?;
-        Some(Pump::start(fd, dst, cap, Arc::clone(&exited), Arc::clone(&notice_rx), waker))
-    })
-    .collect::<Vec<_>>();
+    let streams = [
+        child.stdout.take().map(|s| Stream { src: s.into(), dst: 1, tail_cap: plan.tail_cap }),
+        child.stderr.take().map(|s| Stream { src: s.into(), dst: 2, tail_cap: 0 }),
+    ];
+    let pump = match control.waker() {
+        Ok(waker) => {
+            Some(Pump::start(streams.into_iter().flatten().collect(), Arc::clone(&exited), notice_rx, waker))
+        }
+        Err(_) => None,
+    };
 
     let (status, mut stop) = supervise(&mut child, &plan, control, started);
     if plan.take_terminal {
@@ -111,18 +110,18 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     // that stops reading can hold chan-run here, as it would hold the command.
     exited.store(true, Ordering::SeqCst);
     drop(notice_tx);
-    while pumps.iter().any(|p| !p.is_done()) {
+    while pump.as_ref().is_some_and(|p| !p.is_done()) {
         if let Some(sig) = control.take_signal() {
             stop.get_or_insert(Stop::Signal(sig)); // interrupted while passing output on
             break;
         }
         let _ = control.wait(None);
     }
-    let stdout = pumps
-        .first()
+    let stdout = pump
+        .as_ref()
         .and_then(|p| p.tail.lock().ok().map(|mut t| std::mem::take(&mut *t)))
         .unwrap_or_default();
-    pumps.into_iter().for_each(Pump::finish);
+    pump.into_iter().for_each(Pump::finish);
     Finished { ending: Ending::Ran { status, stop }, duration: started.elapsed(), stdout }
 }
 
