@@ -73,7 +73,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
         cli::Command::Run(args) => cmd::run::run(store.as_ref(), args, &control),
         cli::Command::Reset(args) => cmd::reset::reset(store.as_ref(), args, &control),
-        cli::Command::Gc(args) => cmd::gc::gc(store.as_ref(), args, &control),
+        cli::Command::Gc(args) => cmd::gc::gc(store.as_ref(), args),
         cli::Command::Status(_)
         | cli::Command::History(_)
         | cli::Command::Completions { .. }

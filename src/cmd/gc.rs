@@ -1,10 +1,9 @@
 //! `chan-run gc --idle-for DUR [--dry-run]`: removes what idle channels left behind.
 
 use crate::cli::GcArgs;
-use crate::control::Control;
 use crate::store::Store;
 
-pub fn gc(store: &dyn Store, args: GcArgs, _control: &Control) -> anyhow::Result<u8> {
+pub fn gc(store: &dyn Store, args: GcArgs) -> anyhow::Result<u8> {
     let items = store.gc(args.idle_for, args.dry_run)?;
     let mut out = String::new();
     let verb = if args.dry_run { "would remove" } else { "removed" };
