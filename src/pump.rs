@@ -74,12 +74,17 @@ impl Pump {
         let done = Arc::new(AtomicBool::new(false));
         let tail = Arc::new(Mutex::new(Tail::new(streams.first().map_or(0, |s| s.tail_cap))));
         let (done2, tail2) = (Arc::clone(&done), Arc::clone(&tail));
-        let handle = std::thread::spawn(move || {
+        let handle = std::thread::Builder::new().spawn(move || {
             copy(streams, &tail2, &exited, &notice);
             done2.store(true, Ordering::SeqCst);
             waker.wake();
         });
-        Pump { handle: Some(handle), done, tail }
+        if let Err(e) = &handle {
+            // Its pipes are closed with it: the command gets EPIPE rather than hang.
+            crate::warn(format!("cannot start the output thread ({e}); the command's output is lost"));
+            done.store(true, Ordering::SeqCst);
+        }
+        Pump { handle: handle.ok(), done, tail }
     }
 
     pub fn is_done(&self) -> bool {
