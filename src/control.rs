@@ -4,6 +4,7 @@
 //! the nearest deadline as its timeout, then looks at what changed: no polling loops.
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::fd::BorrowedFd;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -58,11 +59,18 @@ impl Control {
 
     /// Blocks until something wakes the main thread or `deadline` passes.
     pub fn wait(&self, deadline: Option<Instant>) -> io::Result<()> {
+        self.wait_also(deadline, &[])
+    }
+
+    /// As `wait`, and also wakes when one of `also` is readable (or hung up).
+    pub fn wait_also(&self, deadline: Option<Instant>, also: &[BorrowedFd<'_>]) -> io::Result<()> {
         let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
             Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ }
         });
-        let mut fds = [PollFd::new(&self.rx, PollFlags::IN)];
+        let mut fds: Vec<PollFd> = std::iter::once(PollFd::new(&self.rx, PollFlags::IN))
+            .chain(also.iter().map(|fd| PollFd::new(fd, PollFlags::IN)))
+            .collect();
         match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),

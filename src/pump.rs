@@ -1,5 +1,7 @@
-//! Passing the command's stdout and stderr through, live. One thread reads both of the
-//! command's pipes as data comes and writes chan-run's own descriptors with blocking
+//! Passing the command's stdout and stderr through, live. Until the first byte comes,
+//! the main thread watches the pipes with everything else it waits for (a command that
+//! prints nothing costs no thread); then one thread reads both of the command's pipes
+//! as data comes and writes chan-run's own descriptors with blocking
 //! writes (so a slow reader slows the command, as without chan-run; while one stream's
 //! reader is stuck, the other stream waits too), keeping only a bounded tail of stdout
 //! for the session id. When the command has exited, a pump passes on what is
@@ -10,7 +12,7 @@
 
 use crate::control::Waker;
 use rustix::event::{PollFd, PollFlags, poll};
-use rustix::fd::{BorrowedFd, OwnedFd};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,19 +60,90 @@ pub struct Pump {
     pub tail: Arc<Mutex<Tail>>,
 }
 
-/// One stream to pass on: the command's pipe, chan-run's own fd 1 or 2, and how many
-/// bytes of it to keep as a tail.
+/// One stream to pass on: the command's pipe, chan-run's own fd 1 or 2, how many bytes
+/// of it to keep as a tail, and what was already read from it.
 pub struct Stream {
     pub src: OwnedFd,
     pub dst: i32,
     pub tail_cap: usize,
+    first: Vec<u8>,
+}
+
+impl Stream {
+    pub fn new(src: OwnedFd, dst: i32, tail_cap: usize) -> Stream {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = rustix::pipe::fcntl_setpipe_size(&src, PIPE_SIZE);
+        let _ = rustix::io::ioctl_fionbio(&src, true);
+        Stream { src, dst, tail_cap, first: Vec::new() }
+    }
+}
+
+/// The output streams until the first byte comes: no thread is started for a command
+/// that prints nothing (a thread costs about as much as the rest of a quiet run).
+pub struct Output {
+    streams: Vec<Stream>,
+    pump: Option<Pump>,
+    exited: Arc<AtomicBool>,
+    notice: Arc<OwnedFd>,
+}
+
+impl Output {
+    /// `exited` is set, and `notice` becomes readable (its writer closed), when the
+    /// command has exited.
+    pub fn new(streams: Vec<Stream>, exited: Arc<AtomicBool>, notice: Arc<OwnedFd>) -> Output {
+        Output { streams, pump: None, exited, notice }
+    }
+
+    /// The pipes to wake up for while no thread copies them.
+    pub fn pending(&self) -> Vec<BorrowedFd<'_>> {
+        self.streams.iter().map(|s| s.src.as_fd()).collect()
+    }
+
+    /// Looks at the pipes once (after a wake-up, or at the command's exit): drops those
+    /// at end-of-file (and, after the exit, those empty), and at the first data hands
+    /// every stream to a copying thread.
+    pub fn poke(&mut self, waker: impl FnOnce() -> Option<Waker>) {
+        if self.pump.is_some() {
+            return;
+        }
+        let ended = self.exited.load(Ordering::SeqCst);
+        let mut data = false;
+        self.streams.retain_mut(|stream| {
+            let mut buf = Vec::with_capacity(16 * 1024);
+            match rustix::io::read(&stream.src, rustix::buffer::spare_capacity(&mut buf)) {
+                Ok(0) => false,
+                Ok(_) => {
+                    stream.first = buf;
+                    data = true;
+                    true
+                }
+                Err(Errno::AGAIN | Errno::INTR) => !ended,
+                Err(_) => false,
+            }
+        });
+        if data && let Some(waker) = waker() {
+            let streams = std::mem::take(&mut self.streams);
+            self.pump = Some(Pump::start(streams, Arc::clone(&self.exited), Arc::clone(&self.notice), waker));
+        }
+    }
+
+    /// Whether a copying thread is still at work.
+    pub fn busy(&self) -> bool {
+        self.pump.as_ref().is_some_and(|p| !p.is_done())
+    }
+
+    /// The kept tail of stdout; joins the thread if it has finished.
+    pub fn finish(self) -> Tail {
+        let Some(pump) = self.pump else { return Tail::default() };
+        let tail = pump.tail.lock().ok().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        pump.finish();
+        tail
+    }
 }
 
 impl Pump {
-    /// Copies each stream's pipe to its destination on one new thread (one thread for
-    /// both: a second would cost as much as the rest of a quiet run). `exited` is set,
-    /// and `notice` becomes readable (its writer closed), when the command has exited.
-    pub fn start(streams: Vec<Stream>, exited: Arc<AtomicBool>, notice: Arc<OwnedFd>, waker: Waker) -> Pump {
+    /// Copies each stream's pipe to its destination on one new thread (one for both).
+    fn start(streams: Vec<Stream>, exited: Arc<AtomicBool>, notice: Arc<OwnedFd>, waker: Waker) -> Pump {
         let done = Arc::new(AtomicBool::new(false));
         let tail = Arc::new(Mutex::new(Tail::new(streams.first().map_or(0, |s| s.tail_cap))));
         let (done2, tail2) = (Arc::clone(&done), Arc::clone(&tail));
@@ -87,13 +160,13 @@ impl Pump {
         Pump { handle: handle.ok(), done, tail }
     }
 
-    pub fn is_done(&self) -> bool {
+    fn is_done(&self) -> bool {
         self.done.load(Ordering::SeqCst)
     }
 
     /// Joins the thread if it has finished; a stuck one is left behind (the process is
     /// about to exit, which ends it).
-    pub fn finish(mut self) {
+    fn finish(mut self) {
         if let Some(h) = self.handle.take().filter(|_| self.is_done()) {
             let _ = h.join();
         }
@@ -113,16 +186,20 @@ struct Open {
 /// slow reader slows the command, as it would without chan-run), and sleep in `poll`
 /// only when none has anything.
 fn copy(streams: Vec<Stream>, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &OwnedFd) {
-    let mut open: Vec<Open> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            #[cfg(any(target_os = "linux", target_os = "android"))]
-            let _ = rustix::pipe::fcntl_setpipe_size(&s.src, PIPE_SIZE);
-            let _ = rustix::io::ioctl_fionbio(&s.src, true);
-            Open { src: s.src, dst: std_fd(s.dst), keeps_tail: i == 0 && s.tail_cap > 0, budget: None }
-        })
-        .collect();
+    let mut open = Vec::new();
+    for (i, s) in streams.into_iter().enumerate() {
+        let stream =
+            Open { src: s.src, dst: std_fd(s.dst), keeps_tail: i == 0 && s.tail_cap > 0, budget: None };
+        // What was read before this thread started goes first.
+        if stream.keeps_tail
+            && let Ok(mut t) = tail.lock()
+        {
+            t.push(&s.first);
+        }
+        if write_all(stream.dst, &s.first).is_ok() {
+            open.push(stream);
+        }
+    }
     // Read into spare capacity: nothing is zeroed, and a quiet stream touches no pages.
     let mut buf: Vec<u8> = Vec::with_capacity(BUF);
     while !open.is_empty() {

@@ -10,7 +10,7 @@
 //! descendants do. A command that exits on its own leaves its group alone.
 
 use crate::control::Control;
-use crate::pump::{Pump, Stream, Tail};
+use crate::pump::{Output, Stream, Tail};
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 use std::ffi::OsString;
 use std::io;
@@ -91,37 +91,29 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     };
     let exited = Arc::new(AtomicBool::new(false));
     let streams = [
-        child.stdout.take().map(|s| Stream { src: s.into(), dst: 1, tail_cap: plan.tail_cap }),
-        child.stderr.take().map(|s| Stream { src: s.into(), dst: 2, tail_cap: 0 }),
+        child.stdout.take().map(|s| Stream::new(s.into(), 1, plan.tail_cap)),
+        child.stderr.take().map(|s| Stream::new(s.into(), 2, 0)),
     ];
-    let pump = match control.waker() {
-        Ok(waker) => {
-            Some(Pump::start(streams.into_iter().flatten().collect(), Arc::clone(&exited), notice_rx, waker))
-        }
-        Err(_) => None,
-    };
+    let mut output = Output::new(streams.into_iter().flatten().collect(), Arc::clone(&exited), notice_rx);
 
-    let (status, mut stop) = supervise(&mut child, &plan, control, started);
+    let (status, mut stop) = supervise(&mut child, &plan, control, started, &mut output);
     if plan.take_terminal {
         take_terminal_back();
     }
-    // Tells the pumps the command is gone: each passes on what the pipe holds and
-    // stops once it is empty, however long a descendant keeps it open. Only a reader
+    // Tells the pump the command is gone: it passes on what the pipes hold and stops
+    // once they are empty, however long a descendant keeps them open. Only a reader
     // that stops reading can hold chan-run here, as it would hold the command.
     exited.store(true, Ordering::SeqCst);
     drop(notice_tx);
-    while pump.as_ref().is_some_and(|p| !p.is_done()) {
+    output.poke(|| control.waker().ok());
+    while output.busy() {
         if let Some(sig) = control.take_signal() {
             stop.get_or_insert(Stop::Signal(sig)); // interrupted while passing output on
             break;
         }
         let _ = control.wait(None);
     }
-    let stdout = pump
-        .as_ref()
-        .and_then(|p| p.tail.lock().ok().map(|mut t| std::mem::take(&mut *t)))
-        .unwrap_or_default();
-    pump.into_iter().for_each(Pump::finish);
+    let stdout = output.finish();
     Finished { ending: Ending::Ran { status, stop }, duration: started.elapsed(), stdout }
 }
 
@@ -135,6 +127,7 @@ fn supervise(
     plan: &Plan,
     control: &Control,
     started: Instant,
+    output: &mut Output,
 ) -> (Option<ExitStatus>, Option<Stop>) {
     let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
     // A deadline too far to represent is no deadline.
@@ -178,7 +171,8 @@ fn supervise(
             .into_iter()
             .flatten()
             .min();
-        let _ = control.wait(next);
+        let _ = control.wait_also(next, &output.pending());
+        output.poke(|| control.waker().ok());
     }
 }
 
