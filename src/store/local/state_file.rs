@@ -100,6 +100,18 @@ struct Found {
 impl StateFiles<'_> {
     /// The whole state, for `status`: streamed slot by slot; never repairs anything.
     pub fn load(&self) -> anyhow::Result<Loaded> {
+        match self.load_unlocked()? {
+            // Maybe caught mid-append (the end is rewritten then): look again once no
+            // structural change is under way. Runs hold this lock only for milliseconds.
+            Loaded::Damaged(_) => {
+                let _shared = self.lock(false)?;
+                self.load_unlocked()
+            }
+            loaded => Ok(loaded),
+        }
+    }
+
+    fn load_unlocked(&self) -> anyhow::Result<Loaded> {
         match self.view()? {
             View::Missing => Ok(Loaded::State(StateFile::default())),
             View::Other(state) => Ok(Loaded::State(state)),
