@@ -44,41 +44,38 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: cli::Cli) -> anyhow::Result<u8> {
+    use cli::Command;
     let dir = cli.state_dir.as_deref();
     match cli.command {
-        // These create nothing: with no state directory yet there is nothing to show.
-        cli::Command::Status(args) => {
-            return cmd::status::status(store::open_existing(dir)?.as_deref(), args);
-        }
-        cli::Command::History(args) => {
-            return cmd::history::history(store::open_existing(dir)?.as_deref(), args);
-        }
-        cli::Command::Completions { shell } => {
-            let mut command = <cli::Cli as clap::CommandFactory>::command();
+        // These two create nothing: with no state directory yet there is nothing to show.
+        Command::Status(args) => cmd::status::status(store::open_existing(dir)?.as_deref(), args),
+        Command::History(args) => cmd::history::history(store::open_existing(dir)?.as_deref(), args),
+        Command::Completions { shell } => {
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut command, "chan-run", &mut script);
-            cmd::status::write_out(&String::from_utf8_lossy(&script))?;
-            return Ok(0);
+            clap_complete::generate(
+                shell,
+                &mut <cli::Cli as clap::CommandFactory>::command(),
+                "chan-run",
+                &mut script,
+            );
+            cmd::status::write_out(&String::from_utf8_lossy(&script)).map(|()| 0)
         }
-        cli::Command::Man => {
+        Command::Man => {
             let mut page = Vec::new();
             clap_mangen::Man::new(<cli::Cli as clap::CommandFactory>::command()).render(&mut page)?;
-            cmd::status::write_out(&String::from_utf8_lossy(&page))?;
-            return Ok(0);
+            cmd::status::write_out(&String::from_utf8_lossy(&page)).map(|()| 0)
         }
-        _ => {}
-    }
-    let control = control::Control::install()?;
-    let store = store::open(dir)?;
-    match cli.command {
-        cli::Command::Run(args) => cmd::run::run(store.as_ref(), args, &control),
-        cli::Command::Reset(args) => cmd::reset::reset(store.as_ref(), args, &control),
-        cli::Command::Gc(args) => cmd::gc::gc(store.as_ref(), args),
-        cli::Command::Status(_)
-        | cli::Command::History(_)
-        | cli::Command::Completions { .. }
-        | cli::Command::Man => {
-            unreachable!("handled above")
+        Command::Run(args) => {
+            let control = control::Control::install()?;
+            cmd::run::run(store::open(dir)?.as_ref(), args, &control)
+        }
+        Command::Reset(args) => {
+            let control = control::Control::install()?;
+            cmd::reset::reset(store::open(dir)?.as_ref(), args, &control)
+        }
+        Command::Gc(args) => {
+            let _control = control::Control::install()?; // SIGXFSZ ignored while rewriting
+            cmd::gc::gc(store::open(dir)?.as_ref(), args)
         }
     }
 }
