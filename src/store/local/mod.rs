@@ -92,7 +92,6 @@ impl Inner {
         StateFiles { dir: &self.dir, path: &self.root }
     }
 
-    /// Steps 1-3 of the queue protocol: the lock at once, busy, or a ticket.
     /// Opens the channel's queue folder and registers there (steps 1-3), starting over
     /// in a new folder if clean-up removed the one it opened.
     fn register_fresh(
@@ -109,6 +108,7 @@ impl Inner {
         }
     }
 
+    /// Steps 1-3 of the queue protocol: the lock at once, busy, or a ticket.
     fn register(&self, queue: &QueueDir, channel: &Channel, blocking: bool) -> anyhow::Result<Registered> {
         let Some(reg) = queue.register(blocking).context("cannot lock the queue")? else {
             return Ok(Registered::Contended);
@@ -181,8 +181,8 @@ impl Inner {
         if let Some(left) = contents.record.as_ref().and_then(|r| r.leftover()) {
             crate::orphans::kill(&left);
         }
-        if contents.has_tail && header_len.is_some() {
-            file.set_len(header_len.unwrap_or(0)).context("cannot clear the previous holder record")?;
+        if let (true, Some(len)) = (contents.has_tail, header_len) {
+            file.set_len(len).context("cannot clear the previous holder record")?;
         }
         Ok(Box::new(LocalLease {
             file,
