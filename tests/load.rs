@@ -111,16 +111,6 @@ fn many_channels_at_once_keep_exact_run_counts() {
     eprintln!("load: {n} channels × {per} runs by {} workers in {elapsed:?} (seed {seed})", 2 * n);
 }
 
-/// The pids written in `stem`'s queue tickets.
-fn queued_pids(env: &TestEnv, stem: &str) -> Vec<u32> {
-    let dir = env.state().join("queue").join(stem);
-    list(&dir)
-        .iter()
-        .filter_map(|name| std::fs::read_to_string(dir.join(name)).ok())
-        .filter_map(|text| text.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
 /// A holder, then 16 waiters arriving 20 ms apart, each registered before the next
 /// starts; the waiters must run in arrival order, and all succeed.
 fn arrivals_are_served_in_order(opts: &[&str]) {
@@ -137,7 +127,7 @@ fn arrivals_are_served_in_order(opts: &[&str]) {
             let mut run = env.spawn(&all, &sh(&format!(r#"echo {i} >> "$T/order""#)));
             let pid = run.pid();
             wait_until(&format!("waiter {i} to register"), || {
-                queued_pids(&env, "fifo").contains(&pid) || !run.is_running()
+                env.queued_pids("fifo").contains(&pid) || !run.is_running()
             });
             assert!(run.is_running(), "waiter {i} ended before the holder did");
             run

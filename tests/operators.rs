@@ -154,12 +154,7 @@ fn gc_racing_runs_and_waiters_breaks_neither_exclusion_nor_order() {
             for i in 0..4 {
                 let run = env.spawn(&["-c", c], &body(c, round * 10 + i));
                 let pid = run.pid();
-                wait_until("a waiter to register", || {
-                    let dir = env.state().join("queue").join(c);
-                    list(&dir).iter().any(|t| {
-                        std::fs::read_to_string(dir.join(t)).is_ok_and(|s| s.starts_with(&format!("{pid} ")))
-                    })
-                });
+                wait_until("a waiter to register", || env.queued_pids(c).contains(&pid));
                 waiters.push(run);
             }
             env.open_gate(&format!("go-{c}-{round}"));

@@ -7,16 +7,6 @@ mod common;
 use common::*;
 use rustix::process::Signal;
 
-/// The pids written in `stem`'s queue tickets (registered, live or not yet cleaned).
-fn ticket_pids(env: &TestEnv, stem: &str) -> Vec<u32> {
-    let dir = env.state().join("queue").join(stem);
-    list(&dir)
-        .iter()
-        .filter_map(|name| std::fs::read_to_string(dir.join(name)).ok())
-        .filter_map(|text| text.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
 /// Starts caller `i` (its command appends `i` to `$T/order`) and returns once it is
 /// registered, so registration order is start order.
 fn enqueue(env: &TestEnv, stem: &str, channel: &str, i: usize, opts: &[&str]) -> Running {
@@ -25,7 +15,7 @@ fn enqueue(env: &TestEnv, stem: &str, channel: &str, i: usize, opts: &[&str]) ->
     let mut run = env.spawn(&all, &sh(&format!("echo {i} >> \"$T/order\"")));
     let pid = run.pid();
     wait_until(&format!("caller {i} to register"), || {
-        ticket_pids(env, stem).contains(&pid) || !run.is_running()
+        env.queued_pids(stem).contains(&pid) || !run.is_running()
     });
     run
 }
@@ -117,7 +107,7 @@ fn no_wait_is_busy_while_anyone_waits_and_reset_queues_like_a_run() {
     reset.args(["reset", "q"]);
     let reset = Running::start(reset);
     let reset_pid = reset.pid();
-    wait_until("reset to register", || ticket_pids(&env, "q").contains(&reset_pid));
+    wait_until("reset to register", || env.queued_pids("q").contains(&reset_pid));
     let second = enqueue(&env, "q", "q", 1, &[]);
     env.run(&["-c", "q", "-n"], &["true"]).assert().code(75);
     env.open_gate("go");

@@ -209,6 +209,17 @@ impl TestEnv {
         list(&self.state.join("queue").join(stem)).len()
     }
 
+    /// The pids written in `stem`'s queue tickets (registered callers, live or not yet
+    /// cleaned up), in queue order.
+    pub fn queued_pids(&self, stem: &str) -> Vec<u32> {
+        let dir = self.state.join("queue").join(stem);
+        list(&dir)
+            .iter()
+            .filter_map(|name| std::fs::read_to_string(dir.join(name)).ok())
+            .filter_map(|text| text.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
     /// Blocks (bounded) until `n` callers wait in `stem`'s queue.
     pub fn wait_for_tickets(&self, stem: &str, n: usize) {
         wait_until(&format!("{n} callers queued on {stem}"), || self.tickets(stem) == n);
