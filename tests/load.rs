@@ -122,13 +122,7 @@ fn arrivals_are_served_in_order(opts: &[&str]) {
             // Arrival i is due 20 ms after arrival i-1 (later if registration was slow).
             let due = first + Duration::from_millis(20 * i as u64);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            let mut all = vec!["-c", "fifo"];
-            all.extend_from_slice(opts);
-            let mut run = env.spawn(&all, &sh(&format!(r#"echo {i} >> "$T/order""#)));
-            let pid = run.pid();
-            wait_until(&format!("waiter {i} to register"), || {
-                env.queued_pids("fifo").contains(&pid) || !run.is_running()
-            });
+            let mut run = env.enqueue("fifo", "fifo", i, opts);
             assert!(run.is_running(), "waiter {i} ended before the holder did");
             run
         })

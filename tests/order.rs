@@ -7,19 +7,6 @@ mod common;
 use common::*;
 use rustix::process::Signal;
 
-/// Starts caller `i` (its command appends `i` to `$T/order`) and returns once it is
-/// registered, so registration order is start order.
-fn enqueue(env: &TestEnv, stem: &str, channel: &str, i: usize, opts: &[&str]) -> Running {
-    let mut all = vec!["-c", channel];
-    all.extend_from_slice(opts);
-    let mut run = env.spawn(&all, &sh(&format!("echo {i} >> \"$T/order\"")));
-    let pid = run.pid();
-    wait_until(&format!("caller {i} to register"), || {
-        env.queued_pids(stem).contains(&pid) || !run.is_running()
-    });
-    run
-}
-
 fn order(env: &TestEnv) -> Vec<usize> {
     if !env.exists("order") {
         return Vec::new();
@@ -33,7 +20,7 @@ fn sixty_four_callers_run_in_registration_order() {
     let holder = env.hold("fifo", "held", "go");
     let callers: Vec<Running> = (0..64)
         .map(|i| {
-            let run = enqueue(&env, "fifo", "fifo", i, &[]);
+            let run = env.enqueue("fifo", "fifo", i, &[]);
             std::thread::sleep(secs(0.005));
             run
         })
@@ -56,7 +43,7 @@ fn killed_and_impatient_waiters_never_reorder_or_block_the_rest() {
     let mut callers: Vec<Option<Running>> = (0..64)
         .map(|i| {
             let opts: &[&str] = if impatient.contains(&i) { &["-w", "1.5"] } else { &[] };
-            let run = enqueue(&env, "mixed", "mixed", i, opts);
+            let run = env.enqueue("mixed", "mixed", i, opts);
             std::thread::sleep(secs(0.005));
             Some(run)
         })
@@ -88,7 +75,7 @@ fn killed_and_impatient_waiters_never_reorder_or_block_the_rest() {
 fn a_holder_killed_mid_run_hands_over_to_the_next_in_line() {
     let env = TestEnv::new();
     let holder = env.hold("handover", "held", "never");
-    let callers: Vec<Running> = (0..3).map(|i| enqueue(&env, "handover", "handover", i, &[])).collect();
+    let callers: Vec<Running> = (0..3).map(|i| env.enqueue("handover", "handover", i, &[])).collect();
     let started = std::time::Instant::now();
     holder.signal(Signal::KILL);
     for run in callers {
@@ -102,13 +89,13 @@ fn a_holder_killed_mid_run_hands_over_to_the_next_in_line() {
 fn no_wait_is_busy_while_anyone_waits_and_reset_queues_like_a_run() {
     let env = TestEnv::new();
     let holder = env.hold("q", "held", "go");
-    let first = enqueue(&env, "q", "q", 0, &[]);
+    let first = env.enqueue("q", "q", 0, &[]);
     let mut reset = env.std_command();
     reset.args(["reset", "q"]);
     let reset = Running::start(reset);
     let reset_pid = reset.pid();
     wait_until("reset to register", || env.queued_pids("q").contains(&reset_pid));
-    let second = enqueue(&env, "q", "q", 1, &[]);
+    let second = env.enqueue("q", "q", 1, &[]);
     env.run(&["-c", "q", "-n"], &["true"]).assert().code(75);
     env.open_gate("go");
     holder.finish(PATIENCE).assert_code(0);

@@ -220,6 +220,20 @@ impl TestEnv {
             .collect()
     }
 
+    /// Starts caller `i` of `channel` (whose queue folder is `stem`), whose command
+    /// appends `i` to `$T/order`, and returns once it is registered in the queue (or
+    /// has already ended), so that registration order is start order.
+    pub fn enqueue(&self, channel: &str, stem: &str, i: usize, opts: &[&str]) -> Running {
+        let mut all = vec!["-c", channel];
+        all.extend_from_slice(opts);
+        let mut run = self.spawn(&all, &sh(&format!(r#"echo {i} >> "$T/order""#)));
+        let pid = run.pid();
+        wait_until(&format!("caller {i} to register"), || {
+            self.queued_pids(stem).contains(&pid) || !run.is_running()
+        });
+        run
+    }
+
     /// Blocks (bounded) until `n` callers wait in `stem`'s queue.
     pub fn wait_for_tickets(&self, stem: &str, n: usize) {
         wait_until(&format!("{n} callers queued on {stem}"), || self.tickets(stem) == n);
