@@ -27,6 +27,7 @@ pub const TAIL_CAP: usize = 4 * 1024 * 1024;
 pub struct Plan<'a> {
     pub command: &'a [OsString],
     pub env: Vec<(&'static str, Option<OsString>)>,
+    /// `None`: no limit (`--timeout 0`).
     pub timeout: Option<Duration>,
     pub kill_after: Duration,
     pub take_terminal: bool,
@@ -131,7 +132,7 @@ fn supervise(
 ) -> (Option<ExitStatus>, Option<Stop>) {
     let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
     // A deadline too far to represent is no deadline.
-    let mut term_at = plan.timeout.filter(|t| !t.is_zero()).and_then(|t| started.checked_add(t));
+    let mut term_at = plan.timeout.and_then(|t| started.checked_add(t));
     let mut kill_at: Option<Instant> = None;
     let mut killed_at: Option<Instant> = None;
     let mut stop = None;
