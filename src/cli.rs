@@ -15,6 +15,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "CHAN_RUN_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// Keep locks, queues and state on a PostgreSQL server shared by several hosts
+    /// (postgres://USER@HOST[:PORT]/DB); overrides --state-dir
+    #[arg(long, global = true, env = "CHAN_RUN_STORE", value_name = "URL")]
+    pub store: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -9,7 +9,7 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// The signals chan-run passes to its command and answers with exit 128+N.
@@ -21,6 +21,21 @@ pub struct Control {
     rx: UnixStream,
     tx: UnixStream,
     signal: Arc<AtomicUsize>,
+    lock_lost: Arc<AtomicBool>,
+}
+
+/// Lets the store's heartbeat thread tell the main thread the lock is lost: the
+/// command must be stopped before the store can hand the channel on.
+pub struct LockLostAlarm {
+    flag: Arc<AtomicBool>,
+    waker: Waker,
+}
+
+impl LockLostAlarm {
+    pub fn raise(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
 }
 
 /// A cheap handle other threads use to wake the main thread.
@@ -50,11 +65,20 @@ impl Control {
         }
         signal_hook::low_level::pipe::register(SIGCHLD, tx.try_clone()?)?;
         let sigxfsz_changed = crate::sys::ignore_sigxfsz();
-        Ok(Control { sigxfsz_changed, rx, tx, signal })
+        Ok(Control { sigxfsz_changed, rx, tx, signal, lock_lost: Arc::new(AtomicBool::new(false)) })
     }
 
     pub fn waker(&self) -> io::Result<Waker> {
         Ok(Waker(self.tx.try_clone()?))
+    }
+
+    pub fn lock_lost_alarm(&self) -> io::Result<LockLostAlarm> {
+        Ok(LockLostAlarm { flag: Arc::clone(&self.lock_lost), waker: self.waker()? })
+    }
+
+    /// Whether the store raised the lock-lost alarm (it stays raised).
+    pub fn lock_lost(&self) -> bool {
+        self.lock_lost.load(Ordering::SeqCst)
     }
 
     /// Blocks until something wakes the main thread or `deadline` passes.

@@ -12,6 +12,10 @@ pub const CHAN_RUN_FAILED: u8 = 125;
 pub const CANNOT_EXECUTE: u8 = 126;
 /// The command was not found.
 pub const NOT_FOUND: u8 = 127;
+/// The store lost the channel's lock while the command ran (PostgreSQL store: the
+/// connection or heartbeat failed, or another holder's fence superseded this one):
+/// the command was stopped, or its result was not recorded.
+pub const LOCK_LOST: u8 = 122;
 /// The default busy code (`EX_TEMPFAIL`), changed with `-E`.
 pub const BUSY_DEFAULT: u8 = 75;
 

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
 
 fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     use cli::Command;
-    let dir = cli.state_dir.as_deref();
+    let dir = store::Location { store: cli.store.as_deref(), state_dir: cli.state_dir.as_deref() };
     match cli.command {
         // These two create nothing: with no state directory yet there is nothing to show.
         Command::Status(args) => cmd::status::status(store::open_existing(dir)?.as_deref(), args),

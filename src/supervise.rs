@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 const REAP_AFTER_KILL: Duration = Duration::from_millis(400);
 /// The tail of stdout kept for the session id.
 pub const TAIL_CAP: usize = 4 * 1024 * 1024;
+/// The longest grace between SIGTERM and SIGKILL once the store lost the lock: the
+/// store's protocol counts on the command being gone within it (see store::postgres).
+pub const LOCK_LOST_GRACE: Duration = Duration::from_secs(3);
 
 pub struct Plan<'a> {
     pub command: &'a [OsString],
@@ -39,6 +42,8 @@ pub struct Plan<'a> {
 pub enum Stop {
     Timeout,
     Signal(i32),
+    /// The store could no longer prove this run holds the channel.
+    LockLost,
 }
 
 #[derive(Debug)]
@@ -151,6 +156,12 @@ fn supervise(
                 stop = Some(Stop::Signal(sig));
                 kill_at = now.checked_add(plan.kill_after);
             }
+        }
+        if control.lock_lost() && stop != Some(Stop::LockLost) {
+            signal_group(pid, libc::SIGTERM);
+            stop = Some(Stop::LockLost);
+            let grace = plan.kill_after.min(LOCK_LOST_GRACE);
+            kill_at = [kill_at, now.checked_add(grace)].into_iter().flatten().min();
         }
         if term_at.is_some_and(|t| now >= t) {
             term_at = None;

@@ -44,9 +44,10 @@ pub fn acquire(
 }
 
 fn waiting_line(channel: &Channel, note: &WaitNote) -> String {
+    let on = note.holder_host.as_ref().map(|h| format!(" on {h}")).unwrap_or_default();
     let holder = match (note.holder_pid, note.held_for) {
-        (Some(pid), Some(d)) => format!("held by pid {pid} for {}", crate::duration::short(d)),
-        (Some(pid), None) => format!("held by pid {pid}"),
+        (Some(pid), Some(d)) => format!("held by pid {pid}{on} for {}", crate::duration::short(d)),
+        (Some(pid), None) => format!("held by pid {pid}{on}"),
         _ => "held".to_owned(),
     };
     format!("waiting for channel {channel} ({holder}; {} ahead)", note.ahead)

@@ -48,7 +48,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
     let take_terminal = supervise::should_take_terminal();
     let plan = Plan {
         command: &command,
-        env: command_env(&channel, me, session.as_deref()),
+        env: command_env(&channel, me, session.as_deref(), lease.fence()),
         timeout: Some(args.timeout).filter(|t| !t.is_zero()),
         kill_after: args.kill_after,
         take_terminal,
@@ -73,6 +73,10 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
             shown(&command[0]),
             crate::duration::short(args.timeout)
         ),
+        Ending::Ran { stop: Some(Stop::LockLost), .. } => say!(
+            "chan-run: lost channel {channel}'s lock while {} ran; stopped it before the channel could be handed on",
+            shown(&command[0])
+        ),
         _ => {}
     }
     let new_session = match args.no_session {
@@ -90,6 +94,18 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
         r.apply(result.clone());
         session_after = r.session_id.clone();
     }) {
+        if let Some(lost) = e.downcast_ref::<crate::store::LockLost>() {
+            // Another run may have overlapped this one: the caller must know, whatever
+            // the command's own status was.
+            let status = match &finished.ending {
+                Ending::Ran { status: Some(s), stop: None } => {
+                    format!("; the command itself ended with {}", exit_code::from_status(*s))
+                }
+                _ => String::new(),
+            };
+            say!("chan-run: channel {channel}: {lost}{status}");
+            return Ok(exit_code::LOCK_LOST);
+        }
         crate::warn(format!("the run was not recorded in active.json ({e:#}); exit status kept"));
     }
     let entry = crate::history::Entry {
@@ -122,6 +138,7 @@ fn conclude(finished: &Finished, started_at: SystemTime) -> (u8, LastRun) {
             match stop {
                 Some(Stop::Timeout) => (exit_code::TIMED_OUT, Outcome::TimedOut, exit, signal),
                 Some(Stop::Signal(sig)) => (exit_code::from_signal(*sig), Outcome::Interrupted, exit, signal),
+                Some(Stop::LockLost) => (exit_code::LOCK_LOST, Outcome::Interrupted, exit, signal),
                 None => match status {
                     Some(s) if s.success() => (0, Outcome::Ok, exit, None),
                     Some(s) if s.signal().is_some() => {
@@ -166,7 +183,12 @@ pub fn refuse_self_deadlock(channel: &Channel) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn command_env(channel: &Channel, me: u32, session: Option<&str>) -> Vec<(&'static str, Option<OsString>)> {
+fn command_env(
+    channel: &Channel,
+    me: u32,
+    session: Option<&str>,
+    fence: Option<i64>,
+) -> Vec<(&'static str, Option<OsString>)> {
     let mut held = std::env::var_os(HELD_ENV).map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     if !held.is_empty() && !held.ends_with('\n') {
         held.push('\n');
@@ -176,6 +198,7 @@ fn command_env(channel: &Channel, me: u32, session: Option<&str>) -> Vec<(&'stat
         ("CHAN_RUN_CHANNEL", Some(channel.name().into())),
         ("CHAN_RUN_SESSION_ID", session.map(OsString::from)),
         (HELD_ENV, Some(held.into())),
+        ("CHAN_RUN_FENCE", fence.map(|f| f.to_string().into())),
     ]
 }
 

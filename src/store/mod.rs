@@ -4,6 +4,7 @@
 //! start-up and the commands never look behind the trait.
 
 pub mod local;
+pub mod postgres;
 
 use crate::channel::Channel;
 use crate::control::Control;
@@ -19,6 +20,13 @@ pub enum Wait {
     No,
     Until(Instant),
 }
+
+/// The store can no longer prove this run holds the channel (its connection or
+/// heartbeat failed, or a later holder's fence superseded this one): nothing more is
+/// written for the run.
+#[derive(Debug, thiserror::Error)]
+#[error("lock lost, state not written: {0}")]
+pub struct LockLost(pub String);
 
 /// Why no lease was handed out.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +45,8 @@ pub enum AcquireError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WaitNote {
     pub holder_pid: Option<u32>,
+    /// The holder's host, for a store shared by several hosts.
+    pub holder_host: Option<String>,
     pub held_for: Option<Duration>,
     /// Callers queued ahead of this one (the holder not counted).
     pub ahead: usize,
@@ -66,6 +76,9 @@ pub struct ChannelStatus {
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct HolderView {
+    /// The host chan-run runs on, for a store shared by several hosts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub pid: Option<u32>,
     pub command_pid: Option<u32>,
     pub started_at: Option<String>,
@@ -74,6 +87,8 @@ pub struct HolderView {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Waiter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub pid: Option<u32>,
     pub since: Option<String>,
 }
@@ -126,25 +141,44 @@ pub trait Lease {
     fn record(&mut self) -> anyhow::Result<ChannelRecord>;
     /// Changes the channel's record in the serialized read-modify-write.
     fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()>;
+    /// The fencing token of this lease, if the store hands them out: it strictly grows
+    /// from one holder to the next, so what the command writes elsewhere can be tagged
+    /// with it and a stale holder's writes refused (`CHAN_RUN_FENCE`).
+    fn fence(&self) -> Option<i64> {
+        None
+    }
     /// Appends the run to the channel's history (while the lock is held).
     fn log(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()>;
     /// The clean end: the command is gone; clears the holder record and unlocks.
     fn release(self: Box<Self>) -> anyhow::Result<()>;
 }
 
-/// The store for this invocation: the local state directory (`--state-dir`, else the
-/// platform's per-user state directory).
-pub fn open(state_dir: Option<&std::path::Path>) -> anyhow::Result<Box<dyn Store>> {
-    let dir = match state_dir {
+/// Where `--store` / `--state-dir` point.
+#[derive(Clone, Copy, Debug)]
+pub struct Location<'a> {
+    pub store: Option<&'a str>,
+    pub state_dir: Option<&'a std::path::Path>,
+}
+
+/// The store for this invocation: PostgreSQL for a `postgres://` `--store`, else the
+/// local state directory (`--state-dir`, else the platform's per-user state directory).
+pub fn open(at: Location) -> anyhow::Result<Box<dyn Store>> {
+    if let Some(url) = at.store.filter(|u| !u.is_empty()) {
+        return Ok(Box::new(postgres::PgStore::open(url)?));
+    }
+    let dir = match at.state_dir {
         Some(dir) => dir.to_owned(),
         None => default_state_dir()?,
     };
     Ok(Box::new(local::LocalStore::open(&dir)?))
 }
 
-/// The store if its state directory exists; `None` if there is none yet.
-pub fn open_existing(state_dir: Option<&std::path::Path>) -> anyhow::Result<Option<Box<dyn Store>>> {
-    let dir = match state_dir {
+/// The store if it exists; `None` if there is none yet (nothing is created).
+pub fn open_existing(at: Location) -> anyhow::Result<Option<Box<dyn Store>>> {
+    if at.store.is_some_and(|u| !u.is_empty()) {
+        return open(at).map(Some);
+    }
+    let dir = match at.state_dir {
         Some(dir) => dir.to_owned(),
         None => default_state_dir()?,
     };

@@ -218,7 +218,7 @@ pub fn write_spawned(file: &File, slots: Slots, pid: u32, ticks: u64) {
 }
 
 /// The command for the record: lossy UTF-8, each argument and the whole capped.
-fn capped(command: &[OsString]) -> Vec<String> {
+pub fn capped(command: &[OsString]) -> Vec<String> {
     let mut out = Vec::new();
     let mut total = 0;
     for arg in command {

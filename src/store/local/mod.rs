@@ -10,7 +10,7 @@
 //! its channel.
 
 mod history;
-mod lock;
+pub(crate) mod lock;
 mod queue;
 mod slots;
 mod state_file;
@@ -157,6 +157,7 @@ impl Inner {
         WaitNote {
             holder_pid: record.as_ref().map(|r| r.pid),
             held_for: record.as_ref().and_then(|r| r.held_for()),
+            holder_host: None,
             ahead,
         }
     }
@@ -216,6 +217,7 @@ impl Inner {
             status.running = true;
             status.holder = Some(match record {
                 Some(r) => HolderView {
+                    host: None,
                     pid: Some(r.pid),
                     command_pid: r.command_pid,
                     started_at: Some(r.started_at),

@@ -64,7 +64,7 @@ fn parse_ticket(file: &File) -> Waiter {
     let since = words.next().and_then(|w| w.parse::<u64>().ok()).map(|ms| {
         humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
     });
-    Waiter { pid, since }
+    Waiter { host: None, pid, since }
 }
 
 fn ticket_name(seq: u64) -> String {

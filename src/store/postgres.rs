@@ -1,0 +1,864 @@
+//! The PostgreSQL store (`--store postgres://…`): one server keeps the locks, queues,
+//! state and holder introspection of channels served by several hosts.
+//!
+//! # Tables (in the first schema of the connection's `search_path`)
+//! `chan_run_meta` (the schema version; migrations are applied in one transaction under
+//! a transaction-level advisory lock), `chan_run_channel` (one row per channel: its
+//! record, `fence`, and the holder's host, pid, backend pid, since, heartbeat, command),
+//! `chan_run_history` (the last [`HISTORY_KEEP`] runs per channel), and the sequence
+//! `chan_run_fence`.
+//!
+//! # Protocol of one run, and what a death at each step leaves
+//! 1. Connect. The session turns off the server's statement, lock and idle timeouts,
+//!    sets its TCP keepalives and `tcp_user_timeout` (server side: a silent client is
+//!    dropped after [`SERVER_DROPS_AFTER`] at the earliest), and
+//!    `client_connection_check_interval`, so a waiter whose process died leaves the
+//!    queue within a second even while it waits. `application_name` is
+//!    `chan-run <pid> <host>`, which is how `status` names waiters.
+//! 2. One statement finds the channel's row and tries its lock: a session-level
+//!    advisory lock keyed by (the table's oid, the row's id): never a hash of the name,
+//!    so two channels never share a lock, and two installations (schemas) in one
+//!    database never meet. A missing row is inserted (`ON CONFLICT DO NOTHING`) and the
+//!    statement repeated. *Death*: the connection closes, the server drops the lock.
+//! 3. Busy: `--no-wait` exits; else `pg_advisory_lock` blocks on a helper thread.
+//!    PostgreSQL grants an advisory lock's waiters in arrival order, and a release grants
+//!    the next waiter in the same instant, so a newcomer's try never jumps the queue:
+//!    that is SPEC's order, across hosts. `--wait` running out or a signal sends the
+//!    server a cancel request for the waiting statement, which leaves the queue at once.
+//!    *Death*: the server notices the closed socket within
+//!    `client_connection_check_interval` and removes the waiter.
+//! 4. Granted: one statement checks in `pg_locks` that this very backend holds the lock
+//!    (a transaction-mode pooler would run it on another backend: refused), bumps the
+//!    row's `fence` from the global sequence, records the holder and returns the
+//!    channel's record. The fence strictly grows from one holder to the next, across
+//!    channels, server restarts and rows removed by `gc`; the command gets it as
+//!    `CHAN_RUN_FENCE`. A row removed by `gc` meanwhile: unlock, start over at 2.
+//!    *Death before*: as 2. *After*: the lock is dropped; the holder columns stay until
+//!    the next holder overwrites them, and `status` trusts them only while the backend
+//!    they name holds the lock.
+//! 5. While the command runs, a heartbeat thread owns the connection and every
+//!    [`BEAT`] updates `heartbeat` where `fence` is still this run's. A beat that fails
+//!    (the connection broke, the fence moved on, the backend changed) raises the
+//!    lock-lost alarm: the command gets SIGTERM, and SIGKILL at most
+//!    [`crate::supervise::LOCK_LOST_GRACE`] later. The client socket's keepalives and
+//!    `tcp_user_timeout` bound a beat on a dead network to [`CLIENT_GIVES_UP_AFTER`], so
+//!    the command is gone [`BEAT`] + that + the grace after the last good beat: well
+//!    before the server can drop the session and hand the lock on. (A server that
+//!    restarts drops every lock at once; there the fence is what protects: the old
+//!    holder's final write is refused and its `CHAN_RUN_FENCE` is older than the new
+//!    holder's.)
+//! 6. The final record is written `WHERE fence = <this run's>` and must change exactly
+//!    one row; else "lock lost, state not written" and exit 122. Then the history row,
+//!    then `pg_advisory_unlock`, which grants the next waiter, then the connection is
+//!    closed. *Death between*: the record is committed or not as one statement; the
+//!    lock goes with the connection.
+
+use super::{
+    AcquireError, ChannelStatus, GcItem, Holder, HolderView, Lease, LockLost, Store, Wait, WaitNote, Waiter,
+};
+use crate::channel::Channel;
+use crate::control::{Control, LockLostAlarm};
+use crate::state::ChannelRecord;
+use anyhow::{Context, anyhow, bail};
+use postgres::error::SqlState;
+use postgres::types::Type;
+use postgres::{Client, NoTls};
+use std::os::fd::RawFd;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The schema versions, in order; `chan_run_meta.version` counts the ones applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE SEQUENCE chan_run_fence;
+CREATE TABLE chan_run_channel (
+    id                 int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    channel            text NOT NULL UNIQUE,
+    session_id         text,
+    session_cwd        text,
+    runs               bigint NOT NULL DEFAULT 0,
+    failures_in_a_row  bigint NOT NULL DEFAULT 0,
+    last_run           jsonb,
+    last_finished      timestamptz,
+    extra              jsonb NOT NULL DEFAULT '{}',
+    fence              bigint NOT NULL DEFAULT 0,
+    holder_host        text,
+    holder_pid         int,
+    holder_backend     int,
+    holder_since       timestamptz,
+    holder_command     jsonb,
+    holder_command_pid int,
+    heartbeat          timestamptz,
+    created            timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE chan_run_history (
+    channel_id int NOT NULL REFERENCES chan_run_channel (id) ON DELETE CASCADE,
+    run_no     bigint NOT NULL,
+    entry      jsonb NOT NULL,
+    PRIMARY KEY (channel_id, run_no)
+);
+"#];
+
+/// How often the holder proves it still holds the lock.
+pub const BEAT: Duration = Duration::from_secs(2);
+/// The client socket's bound on a beat over a dead network (`tcp_user_timeout`, and
+/// keepalives of 2 s idle + 3 × 1 s).
+pub const CLIENT_GIVES_UP_AFTER: Duration = Duration::from_secs(5);
+/// The server's bound, set per session: keepalives of 10 s idle + 3 × 5 s and
+/// `tcp_user_timeout` 20 s, so a silent client keeps its lock at least this long.
+pub const SERVER_DROPS_AFTER: Duration = Duration::from_secs(20);
+/// History rows kept per channel.
+pub const HISTORY_KEEP: i64 = 1000;
+
+// The protocol's point: a cut-off holder stops its command before the server can drop
+// its session and hand the lock on.
+const _: () = assert!(
+    BEAT.as_secs() + CLIENT_GIVES_UP_AFTER.as_secs() + crate::supervise::LOCK_LOST_GRACE.as_secs()
+        < SERVER_DROPS_AFTER.as_secs()
+);
+
+const SESSION_OPTIONS: &str = " -c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 -c idle_session_timeout=0 -c client_connection_check_interval=1000 -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 -c tcp_user_timeout=20000";
+
+/// The lock namespace: the channel table's oid, as the int4 with its bits (so
+/// `pg_locks.classid` shows the oid itself).
+const NS: &str = "(('chan_run_channel'::regclass::oid::int8 + 2147483648) % 4294967296 - 2147483648)::int4";
+/// A channel's advisory lock in `pg_locks`, `$1` being its row id.
+const LOCK_ROWS: &str = "l.locktype = 'advisory' AND l.classid = 'chan_run_channel'::regclass AND l.objsubid = 2 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+const UTC_MS: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
+
+pub struct PgStore {
+    config: postgres::Config,
+    /// The server as messages name it (never the password).
+    shown: String,
+    host: String,
+}
+
+/// A connection and the backend it talks to: every statement checks the backend is
+/// still the same (a transaction-mode pooler would switch it and void session locks).
+struct Conn {
+    client: Client,
+    backend: i32,
+}
+
+impl PgStore {
+    pub fn open(url: &str) -> anyhow::Result<PgStore> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bail!(
+                "--store {url:?} is not a store chan-run knows: use postgres://USER@HOST[:PORT]/DB, or leave --store and CHAN_RUN_STORE unset for the local state directory"
+            );
+        }
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            anyhow!("--store: cannot read the URL ({e}); expected postgres://USER@HOST[:PORT]/DB")
+        })?;
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            bail!(
+                "--store: sslmode=require is not supported yet; reach the server over a trusted network or a tunnel, and drop sslmode from the URL"
+            );
+        }
+        if config.get_password().is_none()
+            && let Some(password) = std::env::var_os("PGPASSWORD")
+        {
+            config.password(password.as_encoded_bytes());
+        }
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        let port = config.get_ports().first().map(|p| format!(":{p}")).unwrap_or_default();
+        let shown = format!("{}{port}/{}", hosts.join(","), config.get_dbname().unwrap_or(""));
+        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        Ok(PgStore { config, shown, host })
+    }
+
+    fn connect(&self) -> anyhow::Result<Conn> {
+        let mut config = self.config.clone();
+        let mut name = format!("chan-run {} {}", std::process::id(), self.host);
+        truncate(&mut name, 63);
+        config.application_name(&name);
+        let options = format!("{}{SESSION_OPTIONS}", self.config.get_options().unwrap_or(""));
+        config.options(&options);
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(2))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .tcp_user_timeout(CLIENT_GIVES_UP_AFTER);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        let mut client = config.connect(NoTls).map_err(|e| {
+            anyhow!(
+                "cannot connect to PostgreSQL at {} ({}); check --store / CHAN_RUN_STORE",
+                self.shown,
+                pg_error(&e)
+            )
+        })?;
+        let backend =
+            client.query_one("SELECT pg_backend_pid()", &[]).map_err(|e| self.failed("connect", &e))?.get(0);
+        Ok(Conn { client, backend })
+    }
+
+    fn failed(&self, what: &str, e: &postgres::Error) -> anyhow::Error {
+        anyhow!("PostgreSQL at {}: cannot {what}: {}", self.shown, pg_error(e))
+    }
+
+    /// Creates or upgrades the tables (first use), refusing a newer schema.
+    fn migrate(&self, conn: &mut Conn) -> anyhow::Result<()> {
+        let known = MIGRATIONS.len() as i32;
+        let mut tx = conn.client.transaction().map_err(|e| self.failed("begin the migration", &e))?;
+        let setup = (|| {
+            // One key for every installation's migrations: rare, short, and never a channel lock
+            // (those use the two-key form).
+            tx.execute("SELECT pg_advisory_xact_lock(7523094288207667809)", &[])?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS chan_run_meta (version int NOT NULL)")?;
+            let version: Option<i32> =
+                tx.query_opt("SELECT version FROM chan_run_meta", &[])?.map(|r| r.get(0));
+            if version.is_none() {
+                tx.execute("INSERT INTO chan_run_meta VALUES (0)", &[])?;
+            }
+            Ok::<_, postgres::Error>(version.unwrap_or(0))
+        })();
+        let version = setup.map_err(|e| {
+            anyhow!(
+                "cannot create chan-run's tables in PostgreSQL at {} ({}); the role needs CREATE on the first schema of its search_path",
+                self.shown,
+                pg_error(&e)
+            )
+        })?;
+        if version > known {
+            bail!(newer_schema(&self.shown, version));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(sql).map_err(|e| self.failed(&format!("apply schema version {}", i + 1), &e))?;
+        }
+        tx.execute("UPDATE chan_run_meta SET version = $1", &[&known])
+            .map_err(|e| self.failed("migrate", &e))?;
+        tx.commit().map_err(|e| self.failed("commit the migration", &e))
+    }
+
+    /// Step 2: the channel's row id and whether this session now holds its lock.
+    fn try_lock(&self, conn: &mut Conn, channel: &Channel, try_it: bool) -> anyhow::Result<(i32, bool)> {
+        let sql = format!(
+            "SELECT m.version, c.id, CASE WHEN c.id IS NOT NULL AND m.version = $2 AND $3 \
+             THEN pg_try_advisory_lock({NS}, c.id) END, pg_backend_pid() \
+             FROM chan_run_meta m LEFT JOIN chan_run_channel c ON c.channel = $1"
+        );
+        let known = MIGRATIONS.len() as i32;
+        let mut migrated = false;
+        loop {
+            let rows = conn.client.query_typed(
+                &sql,
+                &[(&channel.name(), Type::TEXT), (&known, Type::INT4), (&try_it, Type::BOOL)],
+            );
+            let row = match rows {
+                Err(e) if !migrated && e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                    self.migrate(conn)?;
+                    migrated = true;
+                    continue;
+                }
+                Err(e) => return Err(self.failed("look up the channel", &e)),
+                Ok(rows) if rows.is_empty() && !migrated => {
+                    self.migrate(conn)?;
+                    migrated = true;
+                    continue;
+                }
+                Ok(rows) => rows.into_iter().next().ok_or_else(|| anyhow!("chan_run_meta is empty"))?,
+            };
+            conn.check_backend(row.get(3))?;
+            let version: i32 = row.get(0);
+            if version > known {
+                bail!(newer_schema(&self.shown, version));
+            }
+            if version < known {
+                self.migrate(conn)?;
+                continue;
+            }
+            match row.get::<_, Option<i32>>(1) {
+                Some(id) => return Ok((id, row.get::<_, Option<bool>>(2).unwrap_or(false))),
+                None => {
+                    conn.client
+                        .query_typed(
+                            "INSERT INTO chan_run_channel (channel) VALUES ($1) ON CONFLICT (channel) DO NOTHING",
+                            &[(&channel.name(), Type::TEXT)],
+                        )
+                        .map_err(|e| self.failed("add the channel", &e))?;
+                }
+            }
+        }
+    }
+
+    fn wait_note(&self, conn: &mut Conn, id: i32) -> WaitNote {
+        let sql = format!(
+            "SELECT holder_host, holder_pid, EXTRACT(EPOCH FROM now() - holder_since)::float8, \
+             (SELECT count(*) FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 AND NOT l.granted) \
+             FROM chan_run_channel WHERE id = $1"
+        );
+        let Ok(Some(row)) = conn.client.query_typed(&sql, &[(&id, Type::INT4)]).map(|r| r.into_iter().next())
+        else {
+            return WaitNote::default();
+        };
+        WaitNote {
+            holder_host: row.get(0),
+            holder_pid: row.get::<_, Option<i32>>(1).map(|p| p as u32),
+            held_for: row.get::<_, Option<f64>>(2).and_then(|s| Duration::try_from_secs_f64(s).ok()),
+            ahead: row.get::<_, i64>(3) as usize,
+        }
+    }
+
+    /// Step 3: blocks in `pg_advisory_lock` on a helper thread, so this one can watch
+    /// the deadline and signals; giving up cancels the waiting statement.
+    fn wait_in_line(&self, conn: Conn, id: i32, wait: Wait, control: &Control) -> Result<Conn, AcquireError> {
+        let token = conn.client.cancel_token();
+        let waker = control.waker().context("cannot set up waiting")?;
+        let sql = format!("SELECT pg_advisory_lock({NS}, $1)");
+        let helper = std::thread::spawn(move || {
+            let mut conn = conn;
+            let got = conn.client.query_typed(&sql, &[(&id, Type::INT4)]).map(drop);
+            waker.wake();
+            (conn, got)
+        });
+        loop {
+            if helper.is_finished() {
+                let (conn, got) = helper.join().map_err(|_| anyhow!("the lock waiter panicked"))?;
+                return match got {
+                    Ok(()) => Ok(conn),
+                    Err(e) => Err(self.failed("wait for the channel's lock", &e).into()),
+                };
+            }
+            let gave_up = match (control.take_signal(), wait) {
+                (Some(sig), _) => Some(AcquireError::Interrupted(sig)),
+                (None, Wait::Until(d)) if Instant::now() >= d => Some(AcquireError::Busy),
+                _ => None,
+            };
+            if let Some(why) = gave_up {
+                // Leaves the queue now rather than when the server notices the closed
+                // socket. If the lock was granted meanwhile, the connection's close at
+                // exit drops it.
+                let _ = token.cancel_query(NoTls);
+                return Err(why);
+            }
+            let deadline = match wait {
+                Wait::Until(d) => Some(d),
+                _ => None,
+            };
+            control.wait(deadline).context("cannot wait")?;
+        }
+    }
+
+    /// Step 4: proves this backend holds the lock, bumps the fence, records the holder
+    /// and reads the record. `None`: the row was removed by `gc` meanwhile (unlocked).
+    fn grant(&self, conn: &mut Conn, id: i32) -> anyhow::Result<Option<(i64, ChannelRecord)>> {
+        let sql = format!(
+            "UPDATE chan_run_channel SET fence = nextval('chan_run_fence'), holder_host = $2, holder_pid = $3, \
+             holder_backend = pg_backend_pid(), holder_since = now(), heartbeat = now(), holder_command = NULL, \
+             holder_command_pid = NULL \
+             WHERE id = $1 AND EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 \
+             AND l.pid = pg_backend_pid() AND l.granted) \
+             RETURNING fence, session_id, session_cwd, runs, failures_in_a_row, last_run::text, extra::text, pg_backend_pid()"
+        );
+        let pid = std::process::id() as i32;
+        let rows = conn
+            .client
+            .query_typed(&sql, &[(&id, Type::INT4), (&self.host, Type::TEXT), (&pid, Type::INT4)])
+            .map_err(|e| self.failed("take the channel", &e))?;
+        let Some(row) = rows.into_iter().next() else {
+            let row = conn
+                .client
+                .query_typed(
+                    "SELECT EXISTS (SELECT 1 FROM chan_run_channel WHERE id = $1), pg_backend_pid()",
+                    &[(&id, Type::INT4)],
+                )
+                .map_err(|e| self.failed("take the channel", &e))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("no row"))?;
+            conn.check_backend(row.get(1))?;
+            if row.get::<_, bool>(0) {
+                bail!(pooled(
+                    &self.shown,
+                    "the backend that took the lock no longer runs this session's statements"
+                ));
+            }
+            conn.client
+                .query_typed(&format!("SELECT pg_advisory_unlock({NS}, $1)"), &[(&id, Type::INT4)])
+                .map_err(|e| self.failed("unlock a removed channel", &e))?;
+            return Ok(None);
+        };
+        conn.check_backend(row.get(7))?;
+        let json = |i: usize| -> anyhow::Result<Option<serde_json::Value>> {
+            Ok(row.get::<_, Option<String>>(i).map(|t| serde_json::from_str(&t)).transpose()?)
+        };
+        let extra = match json(6)? {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => Default::default(),
+        };
+        let record = ChannelRecord {
+            session_id: row.get(1),
+            session_cwd: row.get(2),
+            runs: row.get::<_, i64>(3) as u64,
+            failures_in_a_row: row.get::<_, i64>(4) as u64,
+            last_run: json(5)?.map(serde_json::from_value).transpose().context("the stored last run")?,
+            extra,
+        };
+        Ok(Some((row.get(0), record)))
+    }
+}
+
+impl Conn {
+    fn check_backend(&self, backend: i32) -> anyhow::Result<()> {
+        if backend != self.backend {
+            bail!(pooled(
+                "the server",
+                &format!("the backend changed from pid {} to {backend} between two statements", self.backend)
+            ));
+        }
+        Ok(())
+    }
+
+    /// One heartbeat: the fence must still be this run's.
+    fn beat(&mut self, id: i32, fence: i64, command_pid: Option<i32>) -> Result<(), String> {
+        let rows = self
+            .client
+            .query_typed(
+                "UPDATE chan_run_channel SET heartbeat = now(), holder_command_pid = COALESCE($3, holder_command_pid) \
+                 WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
+                &[(&id, Type::INT4), (&fence, Type::INT8), (&command_pid, Type::INT4)],
+            )
+            .map_err(|e| format!("the heartbeat failed: {}", pg_error(&e)))?;
+        match rows.first() {
+            None => Err(format!("the channel's fence moved past {fence}: another holder took it")),
+            Some(row) => self.check_backend(row.get(0)).map_err(|e| format!("{e:#}")),
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn acquire(
+        &self,
+        channel: &Channel,
+        wait: Wait,
+        control: &Control,
+        on_wait: &mut dyn FnMut(&WaitNote),
+    ) -> Result<Box<dyn Lease>, AcquireError> {
+        let mut conn = self.connect()?;
+        loop {
+            let (id, got) = self.try_lock(&mut conn, channel, true)?;
+            if !got {
+                if wait == Wait::No {
+                    return Err(AcquireError::Busy);
+                }
+                on_wait(&self.wait_note(&mut conn, id));
+                conn = self.wait_in_line(conn, id, wait, control)?;
+            }
+            if let Some((fence, record)) = self.grant(&mut conn, id)? {
+                let alarm = control.lock_lost_alarm().context("cannot set up the heartbeat")?;
+                return Ok(Box::new(PgLease {
+                    shown: self.shown.clone(),
+                    conn: Some(conn),
+                    heartbeat: None,
+                    alarm: Some(alarm),
+                    id,
+                    fence,
+                    record,
+                    lost: None,
+                }));
+            }
+        }
+    }
+
+    fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)> {
+        let mut conn = self.connect()?;
+        let names: Vec<&str> = only.iter().map(Channel::name).collect();
+        let sql = format!(
+            "SELECT id, channel, session_id, session_cwd, runs, failures_in_a_row, last_run::text, extra::text, \
+             holder_host, holder_pid, holder_backend, to_char(holder_since AT TIME ZONE 'UTC', {UTC_MS}), \
+             holder_command::text, holder_command_pid \
+             FROM chan_run_channel WHERE cardinality($1::text[]) = 0 OR channel = ANY($1) ORDER BY channel"
+        );
+        let rows = match conn.client.query_typed(&sql, &[(&names, Type::TEXT_ARRAY)]) {
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok((Vec::new(), Vec::new())),
+            other => other.map_err(|e| self.failed("read the channels", &e))?,
+        };
+        let locks_sql = format!(
+            "SELECT l.objid::int8, l.granted, l.pid, a.application_name, \
+             to_char(COALESCE(l.waitstart, a.backend_start) AT TIME ZONE 'UTC', {UTC_MS}) \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE {LOCK_ROWS} \
+             ORDER BY l.objid, l.granted DESC, l.waitstart NULLS FIRST"
+        );
+        let locks = conn.client.query_typed(&locks_sql, &[]).map_err(|e| self.failed("read pg_locks", &e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id: i32 = row.get(0);
+            let mut status = ChannelStatus { channel: row.get(1), ..Default::default() };
+            status.record = Some(ChannelRecord {
+                session_id: row.get(2),
+                session_cwd: row.get(3),
+                runs: row.get::<_, i64>(4) as u64,
+                failures_in_a_row: row.get::<_, i64>(5) as u64,
+                last_run: json_column(&row, 6),
+                extra: json_column(&row, 7).unwrap_or_default(),
+            });
+            for lock in locks.iter().filter(|l| l.get::<_, i64>(0) == i64::from(id)) {
+                let backend: i32 = lock.get(2);
+                let (pid, host) = from_application_name(lock.get::<_, Option<String>>(3).as_deref());
+                if lock.get::<_, bool>(1) {
+                    status.running = true;
+                    status.holder = Some(if row.get::<_, Option<i32>>(10) == Some(backend) {
+                        HolderView {
+                            host: row.get(8),
+                            pid: row.get::<_, Option<i32>>(9).map(|p| p as u32),
+                            command_pid: row.get::<_, Option<i32>>(13).map(|p| p as u32),
+                            started_at: row.get(11),
+                            command: json_column(&row, 12).unwrap_or_default(),
+                        }
+                    } else {
+                        HolderView { host, pid, ..Default::default() }
+                    });
+                } else {
+                    status.queue.push(Waiter { host, pid, since: lock.get(4) });
+                }
+            }
+            status.running |= !status.queue.is_empty();
+            out.push(status);
+        }
+        Ok((out, Vec::new()))
+    }
+
+    fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>> {
+        let mut conn = self.connect()?;
+        let rows = conn.client.query_typed(
+            "SELECT h.entry::text FROM chan_run_history h JOIN chan_run_channel c ON c.id = h.channel_id \
+             WHERE c.channel = $1 ORDER BY h.run_no DESC LIMIT $2",
+            &[(&channel.name(), Type::TEXT), (&(n.min(i64::MAX as usize) as i64), Type::INT8)],
+        );
+        let rows = match rows {
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
+            other => other.map_err(|e| self.failed("read the history", &e))?,
+        };
+        Ok(rows.iter().filter_map(|r| serde_json::from_str(&r.get::<_, String>(0)).ok()).collect())
+    }
+
+    fn gc(&self, idle_for: Duration, dry_run: bool) -> anyhow::Result<Vec<GcItem>> {
+        let mut conn = self.connect()?;
+        let rows = conn.client.query_typed(
+            "SELECT id, channel, EXTRACT(EPOCH FROM now() - COALESCE(last_finished, created))::float8 \
+             FROM chan_run_channel WHERE COALESCE(last_finished, created) < now() - make_interval(secs => $1) \
+             ORDER BY channel",
+            &[(&idle_for.as_secs_f64().min(1e15), Type::FLOAT8)],
+        );
+        let rows = match rows {
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
+            other => other.map_err(|e| self.failed("find idle channels", &e))?,
+        };
+        let try_lock = format!("SELECT pg_try_advisory_lock({NS}, $1)");
+        let unlock = format!("SELECT pg_advisory_unlock({NS}, $1)");
+        let waiters = format!(
+            "SELECT count(*) FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 AND NOT l.granted"
+        );
+        let mut items = Vec::new();
+        for row in rows {
+            let id: i32 = row.get(0);
+            let idle = Duration::try_from_secs_f64(row.get::<_, f64>(2)).unwrap_or_default();
+            let mut item = GcItem { channel: row.get(1), idle, kept: None };
+            let got: bool = conn
+                .client
+                .query_typed(&try_lock, &[(&id, Type::INT4)])
+                .map_err(|e| self.failed("lock an idle channel", &e))?[0]
+                .get(0);
+            if !got {
+                item.kept = Some("running");
+            } else {
+                let waiting: i64 = conn
+                    .client
+                    .query_typed(&waiters, &[(&id, Type::INT4)])
+                    .map_err(|e| self.failed("count waiters", &e))?[0]
+                    .get(0);
+                if waiting > 0 {
+                    item.kept = Some("callers waiting");
+                } else if !dry_run {
+                    conn.client
+                        .query_typed("DELETE FROM chan_run_channel WHERE id = $1", &[(&id, Type::INT4)])
+                        .map_err(|e| self.failed("remove an idle channel", &e))?;
+                }
+                conn.client
+                    .query_typed(&unlock, &[(&id, Type::INT4)])
+                    .map_err(|e| self.failed("unlock", &e))?;
+            }
+            items.push(item);
+        }
+        Ok(items)
+    }
+}
+
+enum Beat {
+    CommandPid(u32),
+}
+
+struct Heartbeat {
+    tx: mpsc::Sender<Beat>,
+    thread: JoinHandle<(Conn, Option<String>)>,
+}
+
+struct PgLease {
+    shown: String,
+    /// `None` while the heartbeat thread has it.
+    conn: Option<Conn>,
+    heartbeat: Option<Heartbeat>,
+    alarm: Option<LockLostAlarm>,
+    id: i32,
+    fence: i64,
+    record: ChannelRecord,
+    /// Why the lock is known lost.
+    lost: Option<String>,
+}
+
+impl PgLease {
+    /// The connection back from the heartbeat thread, unless the lock is lost.
+    fn conn(&mut self) -> anyhow::Result<&mut Conn> {
+        if let Some(beat) = self.heartbeat.take() {
+            drop(beat.tx); // the thread's next wait sees the hang-up and returns
+            let (conn, lost) = beat.thread.join().map_err(|_| anyhow!("the heartbeat thread panicked"))?;
+            self.conn = Some(conn);
+            self.lost = self.lost.take().or(lost);
+        }
+        if let Some(why) = &self.lost {
+            return Err(LockLost(why.clone()).into());
+        }
+        self.conn.as_mut().ok_or_else(|| anyhow!("the connection is gone"))
+    }
+
+    /// A failed statement while holding: a broken connection means the lock went with it.
+    fn check(
+        &mut self,
+        what: &str,
+        result: Result<Vec<postgres::Row>, postgres::Error>,
+    ) -> anyhow::Result<Vec<postgres::Row>> {
+        match result {
+            Ok(rows) => Ok(rows),
+            Err(e) if self.conn.as_ref().is_none_or(|c| c.client.is_closed()) || e.code().is_none() => {
+                let why = format!("the connection to PostgreSQL at {} broke ({})", self.shown, pg_error(&e));
+                self.lost = Some(why.clone());
+                Err(LockLost(why).into())
+            }
+            Err(e) => Err(anyhow!("PostgreSQL at {}: cannot {what}: {}", self.shown, pg_error(&e))),
+        }
+    }
+
+    /// The row must have changed, on this run's backend.
+    fn changed_one(&mut self, rows: &[postgres::Row]) -> anyhow::Result<()> {
+        let Some(row) = rows.first() else {
+            let why = format!("the channel's fence moved past {}: another holder took it", self.fence);
+            self.lost = Some(why.clone());
+            return Err(LockLost(why).into());
+        };
+        self.conn()?.check_backend(row.get(0))
+    }
+}
+
+impl Lease for PgLease {
+    fn announce(&mut self, holder: &Holder) -> anyhow::Result<()> {
+        let command = serde_json::to_string(&super::local::lock::capped(holder.command))?;
+        let since = humantime::format_rfc3339_millis(holder.started_at).to_string();
+        let (id, fence) = (self.id, self.fence);
+        let result = self.conn()?.client.query_typed(
+            "UPDATE chan_run_channel SET holder_since = $3::timestamptz, holder_command = $4::jsonb \
+             WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
+            &[(&id, Type::INT4), (&fence, Type::INT8), (&since, Type::TEXT), (&command, Type::TEXT)],
+        );
+        let rows = self.check("record the holder", result)?;
+        self.changed_one(&rows)?;
+        // From here until the run is recorded, the heartbeat thread has the connection.
+        if let (Some(conn), Some(alarm)) = (self.conn.take(), self.alarm.take()) {
+            let (tx, rx) = mpsc::channel();
+            let thread = std::thread::spawn(move || heartbeat(conn, id, fence, rx, alarm));
+            self.heartbeat = Some(Heartbeat { tx, thread });
+        }
+        Ok(())
+    }
+
+    fn pid_slot(&self) -> Option<(RawFd, u64, usize)> {
+        None
+    }
+
+    fn command_started(&mut self, pid: u32, _ticks: u64) {
+        if let Some(beat) = &self.heartbeat {
+            let _ = beat.tx.send(Beat::CommandPid(pid));
+        }
+    }
+
+    fn record(&mut self) -> anyhow::Result<ChannelRecord> {
+        Ok(self.record.clone())
+    }
+
+    fn fence(&self) -> Option<i64> {
+        Some(self.fence)
+    }
+
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()> {
+        let mut record = self.record.clone();
+        change(&mut record);
+        let last_run = record.last_run.as_ref().map(serde_json::to_string).transpose()?;
+        let finished = record.last_run.as_ref().map(|r| r.finished_at.clone());
+        let extra = serde_json::to_string(&record.extra)?;
+        let (runs, failures) = (record.runs as i64, record.failures_in_a_row as i64);
+        let (id, fence) = (self.id, self.fence);
+        let result = self.conn()?.client.query_typed(
+            "UPDATE chan_run_channel SET session_id = $3, session_cwd = $4, runs = $5, failures_in_a_row = $6, \
+             last_run = $7::jsonb, last_finished = $8::timestamptz, extra = $9::jsonb, holder_host = NULL, \
+             holder_pid = NULL, holder_backend = NULL, holder_since = NULL, holder_command = NULL, \
+             holder_command_pid = NULL, heartbeat = NULL \
+             WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
+            &[
+                (&id, Type::INT4),
+                (&fence, Type::INT8),
+                (&record.session_id, Type::TEXT),
+                (&record.session_cwd, Type::TEXT),
+                (&runs, Type::INT8),
+                (&failures, Type::INT8),
+                (&last_run, Type::TEXT),
+                (&finished, Type::TEXT),
+                (&extra, Type::TEXT),
+            ],
+        );
+        let rows = self.check("record the run", result)?;
+        self.changed_one(&rows)?;
+        self.record = record;
+        Ok(())
+    }
+
+    fn log(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
+        let entry = serde_json::to_string(entry)?;
+        let (id, fence, keep) = (self.id, self.fence, HISTORY_KEEP);
+        let result = self.conn()?.client.query_typed(
+            "WITH added AS (INSERT INTO chan_run_history (channel_id, run_no, entry) \
+             SELECT id, runs, $3::jsonb FROM chan_run_channel WHERE id = $1 AND fence = $2 \
+             ON CONFLICT (channel_id, run_no) DO UPDATE SET entry = EXCLUDED.entry RETURNING run_no) \
+             DELETE FROM chan_run_history WHERE channel_id = $1 AND run_no <= (SELECT run_no FROM added) - $4",
+            &[(&id, Type::INT4), (&fence, Type::INT8), (&entry, Type::TEXT), (&keep, Type::INT8)],
+        );
+        self.check("add the run to the history", result).map(drop)
+    }
+
+    fn release(mut self: Box<Self>) -> anyhow::Result<()> {
+        let id = self.id;
+        let conn = self.conn()?;
+        conn.client
+            .query_typed(&format!("SELECT pg_advisory_unlock({NS}, $1)"), &[(&id, Type::INT4)])
+            .map_err(|e| {
+                anyhow!(
+                    "cannot unlock the channel ({}); the server drops the lock as the connection closes",
+                    pg_error(&e)
+                )
+            })?;
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.client.close();
+        }
+        Ok(())
+    }
+}
+
+/// Step 5, on its own thread: beats until the main thread wants the connection back
+/// (it drops the sender), or a beat fails: then the alarm stops the command.
+fn heartbeat(
+    mut conn: Conn,
+    id: i32,
+    fence: i64,
+    rx: mpsc::Receiver<Beat>,
+    alarm: LockLostAlarm,
+) -> (Conn, Option<String>) {
+    let mut command_pid = None;
+    loop {
+        match rx.recv_timeout(BEAT) {
+            Ok(Beat::CommandPid(pid)) => command_pid = i32::try_from(pid).ok(),
+            Err(RecvTimeoutError::Disconnected) => return (conn, None),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if let Err(why) = conn.beat(id, fence, command_pid) {
+            alarm.raise();
+            return (conn, Some(why));
+        }
+    }
+}
+
+/// A jsonb column read as text, parsed (`None` if null or unreadable).
+fn json_column<T: serde::de::DeserializeOwned>(row: &postgres::Row, i: usize) -> Option<T> {
+    row.get::<_, Option<String>>(i).and_then(|t| serde_json::from_str(&t).ok())
+}
+
+/// `chan-run <pid> <host>` → (pid, host).
+fn from_application_name(name: Option<&str>) -> (Option<u32>, Option<String>) {
+    let Some(rest) = name.and_then(|n| n.strip_prefix("chan-run ")) else { return (None, None) };
+    let (pid, host) = rest.split_once(' ').unwrap_or((rest, ""));
+    (pid.parse().ok(), Some(host.to_owned()).filter(|h| !h.is_empty()))
+}
+
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+}
+
+/// The server's message (with its detail and hint), or the client's error chain.
+fn pg_error(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = db.message().to_owned();
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!(" ({hint})"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+fn newer_schema(shown: &str, version: i32) -> String {
+    format!(
+        "the store at {shown} was set up by a newer chan-run (schema version {version}; this one knows {}): upgrade chan-run on this host",
+        MIGRATIONS.len()
+    )
+}
+
+fn pooled(shown: &str, what: &str) -> String {
+    format!(
+        "{shown}: {what}; a connection pooler in transaction mode (e.g. PgBouncer) voids session locks: point --store at PostgreSQL itself or at a session-mode pool"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_names_round_trip() {
+        assert_eq!(from_application_name(Some("chan-run 42 gw-1")), (Some(42), Some("gw-1".into())));
+        assert_eq!(from_application_name(Some("chan-run 42")), (Some(42), None));
+        assert_eq!(from_application_name(Some("psql")), (None, None));
+        let mut long = "é".repeat(40);
+        truncate(&mut long, 63);
+        assert_eq!(long.len(), 62);
+    }
+
+    #[test]
+    fn urls_other_than_postgres_are_refused_with_the_fix() {
+        let e = PgStore::open("mysql://x").err().unwrap().to_string();
+        assert!(e.contains("postgres://USER@HOST"), "{e}");
+        let e = PgStore::open("postgres://u@h/db?sslmode=require").err().unwrap().to_string();
+        assert!(e.contains("sslmode=require"), "{e}");
+        let shown = PgStore::open("postgres://u:secret@db.example:6432/bots").unwrap().shown;
+        assert_eq!(shown, "db.example:6432/bots");
+    }
+}
