@@ -11,6 +11,7 @@
 // Each test crate uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod state;
 
 use rustix::process::{Pid, Signal};

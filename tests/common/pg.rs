@@ -1,0 +1,123 @@
+//! A real PostgreSQL server for the store's tests: the shared one (`CHAN_RUN_TEST_PG`, or
+//! else `scripts/test-postgres start main` once per test process), an empty schema per
+//! test so each gets its own installation, `psql` to read the store's tables, and
+//! private clusters for the tests that stop their server. Without a server the tests
+//! skip, loudly, unless `CHAN_RUN_REQUIRE_PG=1` (CI) makes that a failure.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres");
+
+/// The URL of the shared test server, or `None` (after saying so) when there is none.
+pub fn server() -> Option<String> {
+    static SERVER: OnceLock<Option<String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| match std::env::var("CHAN_RUN_TEST_PG") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => script(&["start", "main"]).map_err(unavailable).ok(),
+        })
+        .clone()
+}
+
+/// A new empty schema on the server at `url`, and a store URL whose `search_path` selects
+/// it (chan-run creates its tables in the first schema of the search path).
+pub fn fresh_store(url: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    let schema = format!("t_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    psql(url, &format!("CREATE SCHEMA {schema}"));
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-c%20search_path%3D{schema}")
+}
+
+/// The output of `sql` run by psql (unaligned, tuples only), trimmed; panics on failure.
+pub fn psql(url: &str, sql: &str) -> String {
+    try_psql(url, sql).unwrap_or_else(|err| panic!("psql {url} -c {sql:?}: {err}"))
+}
+
+/// As [`psql`], with the failure (psql's stderr) as the error.
+pub fn try_psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
+        .output()
+        .map_err(|err| format!("cannot run psql: {err}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// A cluster of the test's own, for tests that stop and restart their server; destroyed
+/// on drop.
+pub struct PrivateServer {
+    name: String,
+    url: String,
+}
+
+impl PrivateServer {
+    /// Starts a new cluster named after `tag` (letters, digits, `-`, `_`), or `None`
+    /// (after saying so) when none can be started.
+    pub fn start(tag: &str) -> Option<PrivateServer> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("p-{tag}-{}-{n}", std::process::id());
+        let url = script(&["start", &name]).map_err(unavailable).ok()?;
+        Some(PrivateServer { name, url })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the server (fast mode: open sessions are cut); its data and port stay.
+    pub fn stop(&self) {
+        script(&["stop", &self.name]).unwrap_or_else(|err| panic!("stopping {}: {err}", self.name));
+    }
+
+    /// Starts the stopped server again, on the same port.
+    pub fn start_again(&self) {
+        let url =
+            script(&["start", &self.name]).unwrap_or_else(|err| panic!("restarting {}: {err}", self.name));
+        assert_eq!(url, self.url, "the server came back on another port");
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        if let Err(err) = script(&["destroy", &self.name]) {
+            eprintln!("could not destroy test cluster {}: {err}", self.name);
+        }
+    }
+}
+
+/// Runs `scripts/test-postgres ARGS`: its trimmed stdout, or its stderr as the error.
+fn script(args: &[&str]) -> Result<String, String> {
+    let out =
+        Command::new(SCRIPT).args(args).output().map_err(|err| format!("cannot run {SCRIPT}: {err}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!("{SCRIPT} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// No server: a failure under `CHAN_RUN_REQUIRE_PG=1`, else a skip announced once per
+/// process, on the real stderr (the test harness captures `eprintln!`).
+fn unavailable(reason: String) {
+    if std::env::var("CHAN_RUN_REQUIRE_PG").is_ok_and(|v| v == "1") {
+        panic!("CHAN_RUN_REQUIRE_PG=1 but no PostgreSQL server could be started: {reason}");
+    }
+    static SAID: OnceLock<()> = OnceLock::new();
+    SAID.get_or_init(|| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n=== SKIPPED: PostgreSQL tests: no server could be started: {reason} ===\n"
+        );
+    });
+}
