@@ -316,15 +316,15 @@ impl PgStore {
         let token = conn.client.cancel_token();
         let waker = control.waker().context("cannot set up waiting")?;
         let sql = format!("SELECT pg_advisory_lock({NS}, $1)");
-        let helper = std::thread::spawn(move || {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
             let mut conn = conn;
             let got = conn.client.query_typed(&sql, &[(&id, Type::INT4)]).map(drop);
+            let _ = tx.send((conn, got)); // sent before the wake-up, so the wake finds it
             waker.wake();
-            (conn, got)
         });
         loop {
-            if helper.is_finished() {
-                let (conn, got) = helper.join().map_err(|_| anyhow!("the lock waiter panicked"))?;
+            if let Ok((conn, got)) = rx.try_recv() {
                 return match got {
                     Ok(()) => Ok(conn),
                     Err(e) => Err(self.failed("wait for the channel's lock", &e).into()),
@@ -670,15 +670,18 @@ impl Lease for PgLease {
              WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
             &[(&id, Type::INT4), (&fence, Type::INT8), (&since, Type::TEXT), (&command, Type::TEXT)],
         );
-        let rows = self.check("record the holder", result)?;
-        self.changed_one(&rows)?;
-        // From here until the run is recorded, the heartbeat thread has the connection.
+        let recorded = self.check("record the holder", result).and_then(|rows| self.changed_one(&rows));
+        if recorded.as_ref().is_err_and(|e| e.is::<LockLost>()) {
+            return recorded;
+        }
+        // From here until the run is recorded, the heartbeat thread has the connection
+        // (even if the holder's columns could not be written: the beats still guard).
         if let (Some(conn), Some(alarm)) = (self.conn.take(), self.alarm.take()) {
             let (tx, rx) = mpsc::channel();
             let thread = std::thread::spawn(move || heartbeat(conn, id, fence, rx, alarm));
             self.heartbeat = Some(Heartbeat { tx, thread });
         }
-        Ok(())
+        recorded
     }
 
     fn pid_slot(&self) -> Option<(RawFd, u64, usize)> {

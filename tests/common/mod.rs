@@ -54,6 +54,8 @@ pub struct TestEnv {
     root: TempDir,
     state: PathBuf,
     scratch: PathBuf,
+    /// `CHAN_RUN_STORE` for every chan-run of the test (the PostgreSQL store).
+    store: Option<String>,
 }
 
 impl Default for TestEnv {
@@ -71,7 +73,12 @@ impl TestEnv {
         // HOME and XDG dirs point into the temp dir too, so even a run that ignored
         // the state directory it was given could not touch the real user's files.
         std::fs::create_dir(root.path().join("home")).unwrap();
-        TestEnv { root, state, scratch }
+        TestEnv { root, state, scratch, store: None }
+    }
+
+    /// A test environment whose chan-runs use the store at `url` (`CHAN_RUN_STORE`).
+    pub fn with_store(url: &str) -> TestEnv {
+        TestEnv { store: Some(url.to_owned()), ..TestEnv::new() }
     }
 
     /// The state directory (`CHAN_RUN_STATE_DIR`); chan-run creates it on first use.
@@ -131,6 +138,9 @@ impl TestEnv {
             .env("T", &self.scratch)
             .env("B", BIN)
             .env("LC_ALL", "C");
+        if let Some(url) = &self.store {
+            cmd.env("CHAN_RUN_STORE", url);
+        }
     }
 
     /// `chan-run` with no arguments yet, as a std command.

@@ -1,0 +1,343 @@
+//! The PostgreSQL store (`--store postgres://…`) against a real server started by
+//! `scripts/test-postgres`: the local store's promises across hosts (mutual exclusion,
+//! arrival order, no lost update, sessions, status), and what only a shared server
+//! adds: fences, the heartbeat, a holder cut off from the server, a stale holder.
+//! Each test gets its own schema, i.e. its own installation.
+
+mod common;
+
+use common::*;
+use rustix::process::Signal;
+use std::time::Instant;
+
+/// A fresh installation on the shared test server, or `None` (skipped loudly).
+fn setup() -> Option<(TestEnv, String)> {
+    let server = pg::server()?;
+    let store = pg::fresh_store(&server);
+    Some((TestEnv::with_store(&store), store))
+}
+
+fn status(env: &TestEnv, channel: &str) -> serde_json::Value {
+    let out = env.command().args(["status", "--json", channel]).output().unwrap();
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    all["channels"].get(0).cloned().unwrap_or(serde_json::Value::Null)
+}
+
+fn queued_pids(env: &TestEnv, channel: &str) -> Vec<u32> {
+    let s = status(env, channel);
+    let queue = s["queue"].as_array().cloned().unwrap_or_default();
+    queue.iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect()
+}
+
+/// One value from the store's tables.
+fn sql(store: &str, query: &str) -> String {
+    pg::psql(store, query)
+}
+
+fn fence_of(env: &TestEnv, name: &str) -> i64 {
+    env.read(name).trim().parse().unwrap()
+}
+
+/// Whether this machine lets a test give a process its own host name.
+fn can_fake_hosts() -> bool {
+    std::process::Command::new("unshare").args(["--uts", "true"]).status().is_ok_and(|s| s.success())
+}
+
+/// Starts caller `i` (appending `i` to `$T/order`) as if on `host`, and returns once it
+/// waits in the channel's queue.
+fn enqueue(env: &TestEnv, channel: &str, i: usize, host: Option<&str>) -> Running {
+    let script = sh(&format!(r#"echo {i} >> "$T/order""#));
+    let mut cmd = match host {
+        Some(host) => {
+            let mut cmd = std::process::Command::new("unshare");
+            cmd.args(["--uts", "--", "sh", "-c", r#"hostname "$1" && shift && exec "$@""#, "sh", host, BIN]);
+            env.apply(&mut cmd);
+            cmd.args(["run", "-c", channel, "--"]).args(&script);
+            cmd
+        }
+        None => env.std_run(&["-c", channel], &script),
+    };
+    cmd.stdin(std::process::Stdio::null());
+    let mut run = Running::start(cmd);
+    let pid = run.pid();
+    wait_until(&format!("caller {i} to queue"), || {
+        queued_pids(env, channel).contains(&pid) || !run.is_running()
+    });
+    run
+}
+
+fn order(env: &TestEnv) -> Vec<usize> {
+    if !env.exists("order") {
+        return Vec::new();
+    }
+    env.read("order").lines().map(|l| l.parse().unwrap()).collect()
+}
+
+#[test]
+fn runs_on_one_channel_never_overlap_and_other_channels_run_meanwhile() {
+    let Some((env, store)) = setup() else { return };
+    let script = sh(r#"mkdir "$T/inside" || exit 99; sleep 0.05; rmdir "$T/inside""#);
+    let runs: Vec<Running> = (0..10).map(|_| env.spawn(&["-c", "one"], &script)).collect();
+    for run in runs {
+        run.finish(PATIENCE).assert_code(0);
+    }
+    assert_eq!(sql(&store, "SELECT runs FROM chan_run_channel WHERE channel = 'one'"), "10");
+
+    let holder = env.hold("a", "a-held", "a-go");
+    env.run(&["-c", "b"], &["true"]).assert().code(0);
+    env.run(&["-n", "-c", "a"], &["true"]).assert().code(75);
+    env.open_gate("a-go");
+    holder.finish(PATIENCE).assert_code(0);
+}
+
+#[test]
+fn thirty_two_waiters_from_three_hosts_are_served_in_arrival_order() {
+    let Some((env, _store)) = setup() else { return };
+    let hosts = can_fake_hosts();
+    if !hosts {
+        eprintln!("note: no UTS namespaces here; the 3 hosts share this host's name");
+    }
+    let holder = env.hold("fifo", "held", "go");
+    let callers: Vec<Running> = (0..32)
+        .map(|i| {
+            let host = format!("host-{}", i % 3);
+            enqueue(&env, "fifo", i, hosts.then_some(host.as_str()))
+        })
+        .collect();
+    let s = status(&env, "fifo");
+    assert_eq!(s["waiting"], 32, "{s:#}");
+    let pids: Vec<u64> = s["queue"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap()).collect();
+    let spawned: Vec<u64> = callers.iter().map(|c| u64::from(c.pid())).collect();
+    assert_eq!(pids, spawned, "status lists the queue in arrival order");
+    if hosts {
+        let named: std::collections::BTreeSet<&str> =
+            s["queue"].as_array().unwrap().iter().map(|w| w["host"].as_str().unwrap()).collect();
+        assert_eq!(named.into_iter().collect::<Vec<_>>(), ["host-0", "host-1", "host-2"]);
+    }
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    for run in callers {
+        run.finish(PATIENCE).assert_code(0);
+    }
+    assert_eq!(order(&env), (0..32).collect::<Vec<_>>());
+}
+
+#[test]
+fn no_update_is_lost_over_eight_channels_by_twelve_runs() {
+    let Some((env, store)) = setup() else { return };
+    let runs: Vec<Running> = (0..12)
+        .flat_map(|i| (0..8).map(move |c| (i, c)))
+        .map(|(i, c)| {
+            env.spawn(&["-c", &format!("ch{c}")], &sh(&format!(r#"echo '{{"session_id":"ch{c}-{i}"}}'"#)))
+        })
+        .collect();
+    for run in runs {
+        run.finish(PATIENCE).assert_code(0);
+    }
+    let counts = sql(
+        &store,
+        "SELECT string_agg(c.channel || '=' || c.runs || '/' || (SELECT count(*) FROM chan_run_history h WHERE h.channel_id = c.id), ' ' ORDER BY c.channel) FROM chan_run_channel c",
+    );
+    let want: Vec<String> = (0..8).map(|c| format!("ch{c}=12/12")).collect();
+    assert_eq!(counts, want.join(" "));
+    for c in 0..8 {
+        let s = status(&env, &format!("ch{c}"));
+        assert!(s["session_id"].as_str().unwrap().starts_with(&format!("ch{c}-")), "{s:#}");
+    }
+}
+
+#[test]
+fn the_session_round_trips_and_history_reset_and_gc_work() {
+    let Some((env, store)) = setup() else { return };
+    assert_eq!(sql(&store, "SELECT to_regclass('chan_run_channel') IS NULL"), "t");
+    env.command().arg("status").assert().code(0).stdout("no channels yet\n");
+    assert_eq!(sql(&store, "SELECT to_regclass('chan_run_channel') IS NULL"), "t", "status creates nothing");
+
+    env.run(&["-c", "s"], &sh(r#"echo '{"session_id":"abc"}'"#)).assert().code(0);
+    let out = env
+        .run(&["-c", "s", "--session-arg", "--resume"], &sh(r#"echo "$CHAN_RUN_SESSION_ID $0 $*""#))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "abc --resume abc\n");
+    let history = env.command().args(["history", "s", "--json"]).output().unwrap();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&history.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (lines[1]["session_before"].is_null(), lines[1]["session_after"].as_str()),
+        (true, Some("abc"))
+    );
+
+    env.command().args(["reset", "s"]).assert().code(0);
+    assert!(status(&env, "s")["session_id"].is_null());
+    assert_eq!(status(&env, "s")["runs"], 2, "a reset is not a run");
+
+    let holder = env.hold("busy", "held", "go");
+    let gc = env.command().args(["gc", "--idle-for", "0"]).output().unwrap();
+    let text = String::from_utf8_lossy(&gc.stdout);
+    assert!(text.contains("removed s ") && text.contains("kept busy"), "{text}");
+    assert_eq!(sql(&store, "SELECT count(*) FROM chan_run_history"), "0");
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    assert_eq!(sql(&store, "SELECT string_agg(channel, ',') FROM chan_run_channel"), "busy");
+}
+
+#[test]
+fn status_names_the_holder_its_host_and_command_and_the_queue() {
+    let Some((env, _store)) = setup() else { return };
+    let holder = env.hold("st", "held", "go");
+    let waiters = [enqueue(&env, "st", 0, None), enqueue(&env, "st", 1, None)];
+    let s = status(&env, "st");
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["holder"]["pid"], holder.pid());
+    assert_eq!(s["holder"]["command"][0], "sh");
+    assert!(!s["holder"]["host"].as_str().unwrap().is_empty());
+    wait_until("the heartbeat to record the command's pid", || {
+        status(&env, "st")["holder"]["command_pid"].is_u64()
+    });
+    let command_pid = status(&env, "st")["holder"]["command_pid"].as_u64().unwrap() as u32;
+    assert!(is_alive(command_pid));
+    assert_eq!(s["waiting"], 2);
+    assert_eq!(queued_pids(&env, "st"), waiters.iter().map(Running::pid).collect::<Vec<_>>());
+    let table = env.command().arg("status").output().unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&format!("running  {}", holder.pid())));
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    for w in waiters {
+        w.finish(PATIENCE).assert_code(0);
+    }
+    let s = status(&env, "st");
+    assert_eq!(
+        (s["state"].as_str(), s["holder"].is_null(), s["runs"].as_u64()),
+        (Some("idle"), true, Some(3))
+    );
+}
+
+#[test]
+fn a_sigkilled_holder_hands_on_within_a_second_to_a_higher_fence() {
+    let Some((env, _store)) = setup() else { return };
+    let holder = env.spawn(
+        &["-c", "k"],
+        &sh(r#"echo "$CHAN_RUN_FENCE" > "$T/f1.tmp"; mv "$T/f1.tmp" "$T/f1"; sleep 60"#),
+    );
+    env.wait_for_file("f1");
+    let next = enqueue(&env, "k", 0, None);
+    let killed_at = Instant::now();
+    holder.signal(Signal::KILL);
+    drop(holder);
+    wait_until("the next caller to run", || env.exists("order"));
+    let took = killed_at.elapsed();
+    assert!(took < secs(1.0), "the next holder started {took:?} after the SIGKILL");
+    next.finish(PATIENCE).assert_code(0);
+    let after = env.run(&["-c", "k"], &sh(r#"echo "$CHAN_RUN_FENCE""#)).output().unwrap();
+    let f2: i64 = String::from_utf8_lossy(&after.stdout).trim().parse().unwrap();
+    assert!(
+        f2 > fence_of(&env, "f1") + 1,
+        "fences {} then {f2}: two holders came between",
+        fence_of(&env, "f1")
+    );
+}
+
+#[test]
+fn a_holder_whose_connection_dies_stops_its_command_and_exits_lock_lost() {
+    let Some((env, store)) = setup() else { return };
+    let holder = env.spawn(
+        &["-c", "hb", "-k", "30s"],
+        &sh(r#"trap 'echo term > "$T/term"; exit 0' TERM; started held; while :; do sleep 0.05; done"#),
+    );
+    env.wait_for_file("held");
+    sql(&store, "SELECT pg_terminate_backend(holder_backend) FROM chan_run_channel WHERE channel = 'hb'");
+    let out = holder.finish(PATIENCE);
+    out.assert_code(122);
+    assert!(env.exists("term"), "the command got SIGTERM");
+    assert!(out.stderr().contains("lost channel hb's lock"), "{}", out.stderr());
+    assert!(out.elapsed < secs(12.0), "{:?}", out.elapsed);
+    assert_eq!(status(&env, "hb")["runs"], 0, "a run that lost its lock is not recorded");
+}
+
+#[test]
+fn a_stale_holders_final_write_is_refused() {
+    let Some((env, store)) = setup() else { return };
+    env.run(&["-c", "st"], &sh(r#"echo '{"session_id":"s0"}'"#)).assert().code(0);
+    // The command plays the split brain: another holder's grant moves the fence on
+    // while this one still runs.
+    let bump = format!(
+        "psql -X -q -v ON_ERROR_STOP=1 '{store}' -c \"UPDATE chan_run_channel SET fence = nextval('chan_run_fence') WHERE channel = 'st'\" && echo '{{\"session_id\":\"stale\"}}'"
+    );
+    let out = env.run(&["-c", "st"], &sh(&bump)).output().unwrap();
+    assert_eq!(out.status.code(), Some(122), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lock lost, state not written") && stderr.contains("ended with 0"), "{stderr}");
+    let s = status(&env, "st");
+    assert_eq!((s["session_id"].as_str(), s["runs"].as_u64()), (Some("s0"), Some(1)), "{s:#}");
+}
+
+#[test]
+fn an_interrupted_or_impatient_waiter_leaves_the_queue_at_once() {
+    let Some((env, _store)) = setup() else { return };
+    let holder = env.hold("q", "held", "go");
+    let waiter = enqueue(&env, "q", 0, None);
+    waiter.signal(Signal::INT);
+    waiter.finish(PATIENCE).assert_code(130);
+    assert_eq!(queued_pids(&env, "q"), Vec::<u32>::new(), "the server forgot the waiter");
+    let out = env.run(&["-c", "q", "-w", "0.3"], &["true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(75));
+    assert_eq!(queued_pids(&env, "q"), Vec::<u32>::new());
+    // A killed waiter cannot cancel; the server notices its closed socket.
+    let killed = enqueue(&env, "q", 1, None);
+    killed.signal(Signal::KILL);
+    drop(killed);
+    wait_until("the server to drop the killed waiter", || queued_pids(&env, "q").is_empty());
+    let last = enqueue(&env, "q", 2, None);
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    last.finish(PATIENCE).assert_code(0);
+    assert_eq!(order(&env), [2]);
+}
+
+#[test]
+fn a_server_stopped_mid_run_stops_the_command_and_fences_stay_monotonic() {
+    let Some(server) = pg::PrivateServer::start("stop") else { return };
+    let store = pg::fresh_store(server.url());
+    let env = TestEnv::with_store(&store);
+    env.run(&["-c", "x"], &sh(r#"echo "$CHAN_RUN_FENCE" > "$T/f0""#)).assert().code(0);
+    let holder = env.spawn(
+        &["-c", "x", "-k", "30s"],
+        &sh(r#"trap 'echo term > "$T/term"; exit 0' TERM; started held; while :; do sleep 0.05; done"#),
+    );
+    env.wait_for_file("held");
+    server.stop();
+    let out = holder.finish(PATIENCE);
+    out.assert_code(122);
+    assert!(env.exists("term"), "the command was stopped");
+    server.start_again();
+    env.run(&["-c", "x"], &sh(r#"echo "$CHAN_RUN_FENCE" > "$T/f2""#)).assert().code(0);
+    assert!(
+        fence_of(&env, "f2") > fence_of(&env, "f0") + 1,
+        "the cut-off run's fence is never handed out again"
+    );
+    assert_eq!(status(&env, "x")["runs"], 2);
+}
+
+#[test]
+fn bad_store_urls_unreachable_servers_and_newer_schemas_exit_125_with_one_line() {
+    let env = TestEnv::new();
+    for (url, says) in [
+        ("mysql://u@h/db", "use postgres://USER@HOST"),
+        ("postgres://u@h:notaport/db", "cannot read the URL"),
+        ("postgres://postgres@127.0.0.1:1/nothing", "cannot connect to PostgreSQL at 127.0.0.1:1/nothing"),
+    ] {
+        let out = env.command().args(["--store", url, "run", "-c", "a", "--", "true"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{url}: {stderr}");
+        assert!(stderr.contains(says) && stderr.lines().count() == 1, "{url}: {stderr}");
+    }
+    let Some((env, store)) = setup() else { return };
+    env.run(&["-c", "a"], &["true"]).assert().code(0);
+    sql(&store, "UPDATE chan_run_meta SET version = 99");
+    let out = env.run(&["-c", "a"], &["true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("newer chan-run"));
+}
