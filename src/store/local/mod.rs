@@ -491,16 +491,20 @@ fn network_filesystem(_dir: &OwnedFd) -> Option<&'static str> {
 
 /// Creates (0700) and opens a subdirectory without following a symlink.
 fn subdir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
-    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
-        Ok(()) | Err(Errno::EXIST) => {}
-        Err(e) => return Err(e),
+    // `gc` may remove the folder between the mkdir that found it and the open: make it
+    // again (each round needs gc to win a fresh race, so this ends).
+    let mut tries = 0;
+    loop {
+        match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e),
+        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+            Err(Errno::NOENT) if tries < 100 => tries += 1,
+            other => return other,
+        }
     }
-    rustix::fs::openat(
-        parent,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
 }
 
 struct LocalLease {
