@@ -138,7 +138,8 @@ pub struct PgStore {
 /// still the same (a transaction-mode pooler would switch it and void session locks).
 struct Conn {
     client: Client,
-    backend: i32,
+    /// Learnt from the first statement that returns it.
+    backend: Option<i32>,
 }
 
 impl PgStore {
@@ -191,16 +192,14 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let mut client = config.connect(NoTls).map_err(|e| {
+        let client = config.connect(NoTls).map_err(|e| {
             anyhow!(
                 "cannot connect to PostgreSQL at {} ({}); check --store / CHAN_RUN_STORE",
                 self.shown,
                 pg_error(&e)
             )
         })?;
-        let backend =
-            client.query_one("SELECT pg_backend_pid()", &[]).map_err(|e| self.failed("connect", &e))?.get(0);
-        Ok(Conn { client, backend })
+        Ok(Conn { client, backend: None })
     }
 
     fn failed(&self, what: &str, e: &postgres::Error) -> anyhow::Error {
@@ -410,24 +409,41 @@ impl PgStore {
 }
 
 impl Conn {
-    fn check_backend(&self, backend: i32) -> anyhow::Result<()> {
-        if backend != self.backend {
-            bail!(pooled(
+    fn check_backend(&mut self, backend: i32) -> anyhow::Result<()> {
+        match self.backend {
+            None => self.backend = Some(backend),
+            Some(first) if first != backend => bail!(pooled(
                 "the server",
-                &format!("the backend changed from pid {} to {backend} between two statements", self.backend)
-            ));
+                &format!("the backend changed from pid {first} to {backend} between two statements")
+            )),
+            Some(_) => {}
         }
         Ok(())
     }
 
     /// One heartbeat: the fence must still be this run's.
-    fn beat(&mut self, id: i32, fence: i64, command_pid: Option<i32>) -> Result<(), String> {
+    fn beat(
+        &mut self,
+        id: i32,
+        fence: i64,
+        command_pid: Option<i32>,
+        holder: Option<HolderColumns>,
+    ) -> Result<(), String> {
+        let (since, command) = holder.map(|h| (h.since, h.command)).unzip();
         let rows = self
             .client
             .query_typed(
-                "UPDATE chan_run_channel SET heartbeat = now(), holder_command_pid = COALESCE($3, holder_command_pid) \
+                "UPDATE chan_run_channel SET heartbeat = now(), holder_command_pid = COALESCE($3, holder_command_pid), \
+                 holder_since = COALESCE($4::timestamptz, holder_since), \
+                 holder_command = COALESCE($5::jsonb, holder_command) \
                  WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
-                &[(&id, Type::INT4), (&fence, Type::INT8), (&command_pid, Type::INT4)],
+                &[
+                    (&id, Type::INT4),
+                    (&fence, Type::INT8),
+                    (&command_pid, Type::INT4),
+                    (&since, Type::TEXT),
+                    (&command, Type::TEXT),
+                ],
             )
             .map_err(|e| format!("the heartbeat failed: {}", pg_error(&e)))?;
         match rows.first() {
@@ -599,6 +615,12 @@ enum Beat {
     CommandPid(u32),
 }
 
+/// The holder's columns `announce` leaves to the first beat.
+struct HolderColumns {
+    since: String,
+    command: String,
+}
+
 struct Heartbeat {
     tx: mpsc::Sender<Beat>,
     thread: JoinHandle<(Conn, Option<String>)>,
@@ -665,23 +687,17 @@ impl Lease for PgLease {
         let command = serde_json::to_string(&super::local::lock::capped(holder.command))?;
         let since = humantime::format_rfc3339_millis(holder.started_at).to_string();
         let (id, fence) = (self.id, self.fence);
-        let result = self.conn()?.client.query_typed(
-            "UPDATE chan_run_channel SET holder_since = $3::timestamptz, holder_command = $4::jsonb \
-             WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
-            &[(&id, Type::INT4), (&fence, Type::INT8), (&since, Type::TEXT), (&command, Type::TEXT)],
-        );
-        let recorded = self.check("record the holder", result).and_then(|rows| self.changed_one(&rows));
-        if recorded.as_ref().is_err_and(|e| e.is::<LockLost>()) {
-            return recorded;
-        }
-        // From here until the run is recorded, the heartbeat thread has the connection
-        // (even if the holder's columns could not be written: the beats still guard).
+        self.conn()?;
+        // From here until the run is recorded, the heartbeat thread has the connection.
+        // Its first beat writes the holder's command and start with the command's pid,
+        // while the command starts: no round trip between the grant and the spawn.
         if let (Some(conn), Some(alarm)) = (self.conn.take(), self.alarm.take()) {
             let (tx, rx) = mpsc::channel();
-            let thread = std::thread::spawn(move || heartbeat(conn, id, fence, rx, alarm));
+            let holder = HolderColumns { since, command };
+            let thread = std::thread::spawn(move || heartbeat(conn, id, fence, holder, rx, alarm));
             self.heartbeat = Some(Heartbeat { tx, thread });
         }
-        recorded
+        Ok(())
     }
 
     fn pid_slot(&self) -> Option<(RawFd, u64, usize)> {
@@ -758,8 +774,11 @@ impl Lease for PgLease {
                     pg_error(&e)
                 )
             })?;
+        // Not closed politely: that waits for the backend to exit, and the channel is
+        // already handed on. The socket closes as this process exits, which the server
+        // takes as the quiet end of an idle session.
         if let Some(conn) = self.conn.take() {
-            let _ = conn.client.close();
+            std::mem::forget(conn);
         }
         Ok(())
     }
@@ -771,17 +790,19 @@ fn heartbeat(
     mut conn: Conn,
     id: i32,
     fence: i64,
+    holder: HolderColumns,
     rx: mpsc::Receiver<Beat>,
     alarm: LockLostAlarm,
 ) -> (Conn, Option<String>) {
     let mut command_pid = None;
+    let mut holder = Some(holder);
     loop {
         match rx.recv_timeout(BEAT) {
             Ok(Beat::CommandPid(pid)) => command_pid = i32::try_from(pid).ok(),
             Err(RecvTimeoutError::Disconnected) => return (conn, None),
             Err(RecvTimeoutError::Timeout) => {}
         }
-        if let Err(why) = conn.beat(id, fence, command_pid) {
+        if let Err(why) = conn.beat(id, fence, command_pid, holder.take()) {
             alarm.raise();
             return (conn, Some(why));
         }
