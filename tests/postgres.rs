@@ -189,15 +189,16 @@ fn status_names_the_holder_its_host_and_command_and_the_queue() {
     let Some((env, _store)) = setup() else { return };
     let holder = env.hold("st", "held", "go");
     let waiters = [enqueue(&env, "st", 0, None), enqueue(&env, "st", 1, None)];
+    // The holder's command and pids are written by its first heartbeat, as the command starts.
+    wait_until("the first beat to record the command", || {
+        status(&env, "st")["holder"]["command_pid"].is_u64()
+    });
     let s = status(&env, "st");
     assert_eq!(s["state"], "running");
     assert_eq!(s["holder"]["pid"], holder.pid());
     assert_eq!(s["holder"]["command"][0], "sh");
     assert!(!s["holder"]["host"].as_str().unwrap().is_empty());
-    wait_until("the heartbeat to record the command's pid", || {
-        status(&env, "st")["holder"]["command_pid"].is_u64()
-    });
-    let command_pid = status(&env, "st")["holder"]["command_pid"].as_u64().unwrap() as u32;
+    let command_pid = s["holder"]["command_pid"].as_u64().unwrap() as u32;
     assert!(is_alive(command_pid));
     assert_eq!(s["waiting"], 2);
     assert_eq!(queued_pids(&env, "st"), waiters.iter().map(Running::pid).collect::<Vec<_>>());

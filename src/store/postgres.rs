@@ -36,8 +36,10 @@
 //!    *Death before*: as 2. *After*: the lock is dropped; the holder columns stay until
 //!    the next holder overwrites them, and `status` trusts them only while the backend
 //!    they name holds the lock.
-//! 5. While the command runs, a heartbeat thread owns the connection and every
-//!    [`BEAT`] updates `heartbeat` where `fence` is still this run's. A beat that fails
+//! 5. While the command runs, a heartbeat thread owns the connection: its first beat,
+//!    sent as the command starts (off the path from grant to spawn), writes the holder's
+//!    command, start and command pid; then every [`BEAT`] it updates `heartbeat` where
+//!    `fence` is still this run's. A beat that fails
 //!    (the connection broke, the fence moved on, the backend changed) raises the
 //!    lock-lost alarm: the command gets SIGTERM, and SIGKILL at most
 //!    [`crate::supervise::LOCK_LOST_GRACE`] later. The client socket's keepalives and
