@@ -169,10 +169,17 @@ fn the_session_round_trips_and_history_reset_and_gc_work() {
         (lines[1]["session_before"].is_null(), lines[1]["session_after"].as_str()),
         (true, Some("abc"))
     );
+    // The history keeps the newest 1000 runs: 1501 old ones, then one more run.
+    sql(
+        &store,
+        "INSERT INTO chan_run_history SELECT id, g, '{}' FROM chan_run_channel, generate_series(-1500, 0) g WHERE channel = 's'",
+    );
+    env.run(&["-c", "s"], &["true"]).assert().code(0);
+    assert_eq!(sql(&store, "SELECT count(*), min(run_no), max(run_no) FROM chan_run_history"), "1000|-996|3");
 
     env.command().args(["reset", "s"]).assert().code(0);
     assert!(status(&env, "s")["session_id"].is_null());
-    assert_eq!(status(&env, "s")["runs"], 2, "a reset is not a run");
+    assert_eq!(status(&env, "s")["runs"], 3, "a reset is not a run");
 
     let holder = env.hold("busy", "held", "go");
     let gc = env.command().args(["gc", "--idle-for", "0"]).output().unwrap();

@@ -93,11 +93,19 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
     let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
     // Recorded before the lock is released; a failure here must not change the exit
     // status: the command ran, and a bot must not send the message again.
-    let mut session_after = session_before.clone();
-    if let Err(e) = lease.update(&mut |r| {
-        r.apply(result.clone());
-        session_after = r.session_id.clone();
-    }) {
+    let mut entry = |r: &crate::state::ChannelRecord| crate::history::Entry {
+        started_at: last_run.started_at.clone(),
+        finished_at: last_run.finished_at.clone(),
+        duration_ms: last_run.duration_ms,
+        outcome: last_run.outcome,
+        exit_code: last_run.exit_code,
+        signal: last_run.signal,
+        session_before: session_before.clone(),
+        session_after: r.session_id.clone(),
+        pid: me,
+    };
+    let (recorded, logged) = lease.record_run(&mut |r| r.apply(result.clone()), &mut entry);
+    if let Err(e) = recorded {
         if let Some(lost) = e.downcast_ref::<crate::store::LockLost>() {
             // Another run may have overlapped this one: the caller must know, whatever
             // the command's own status was.
@@ -112,18 +120,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
         }
         crate::warn(format!("the run was not recorded in active.json ({e:#}); exit status kept"));
     }
-    let entry = crate::history::Entry {
-        started_at: last_run.started_at,
-        finished_at: last_run.finished_at,
-        duration_ms: last_run.duration_ms,
-        outcome: last_run.outcome,
-        exit_code: last_run.exit_code,
-        signal: last_run.signal,
-        session_before,
-        session_after,
-        pid: me,
-    };
-    if let Err(e) = lease.log(&entry) {
+    if let Err(e) = logged {
         crate::warn(format!("the run was not added to the channel's history ({e:#})"));
     }
     if let Err(e) = lease.release() {

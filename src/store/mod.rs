@@ -147,8 +147,15 @@ pub trait Lease {
     fn fence(&self) -> Option<i64> {
         None
     }
-    /// Appends the run to the channel's history (while the lock is held).
-    fn log(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()>;
+    /// Records a finished run: `change` as in `update`, then the history entry `entry`
+    /// makes from the changed record (while the lock is held; in one write where the
+    /// store can). Returns the record's result and the history's (a failure of one
+    /// write that carried both is reported once, as the record's).
+    fn record_run(
+        &mut self,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+        entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
+    ) -> (anyhow::Result<()>, anyhow::Result<()>);
     /// The clean end: the command is gone; clears the holder record and unlocks.
     fn release(self: Box<Self>) -> anyhow::Result<()>;
 }

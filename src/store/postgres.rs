@@ -673,6 +673,53 @@ impl PgLease {
         }
     }
 
+    /// The final write, `WHERE fence = <this run's>`: the record, and with `entry` the
+    /// history row (the oldest beyond [`HISTORY_KEEP`] dropped), in one statement.
+    fn write(
+        &mut self,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+        entry: Option<&mut dyn FnMut(&ChannelRecord) -> crate::history::Entry>,
+    ) -> anyhow::Result<()> {
+        let mut record = self.record.clone();
+        change(&mut record);
+        let entry = entry.map(|make| serde_json::to_string(&make(&record))).transpose()?;
+        let last_run = record.last_run.as_ref().map(serde_json::to_string).transpose()?;
+        let finished = record.last_run.as_ref().map(|r| r.finished_at.clone());
+        let extra = serde_json::to_string(&record.extra)?;
+        let (runs, failures) = (record.runs as i64, record.failures_in_a_row as i64);
+        let (id, fence, keep) = (self.id, self.fence, HISTORY_KEEP);
+        let result = self.conn()?.client.query_typed(
+            "WITH updated AS (UPDATE chan_run_channel SET session_id = $3, session_cwd = $4, runs = $5, \
+             failures_in_a_row = $6, last_run = $7::jsonb, last_finished = $8::timestamptz, extra = $9::jsonb, \
+             holder_host = NULL, holder_pid = NULL, holder_backend = NULL, holder_since = NULL, \
+             holder_command = NULL, holder_command_pid = NULL, heartbeat = NULL \
+             WHERE id = $1 AND fence = $2 RETURNING runs), \
+             added AS (INSERT INTO chan_run_history (channel_id, run_no, entry) \
+             SELECT $1, runs, $10::jsonb FROM updated WHERE $10 IS NOT NULL \
+             ON CONFLICT (channel_id, run_no) DO UPDATE SET entry = EXCLUDED.entry RETURNING run_no), \
+             dropped AS (DELETE FROM chan_run_history WHERE channel_id = $1 \
+             AND run_no <= (SELECT run_no FROM added) - $11) \
+             SELECT pg_backend_pid() FROM updated",
+            &[
+                (&id, Type::INT4),
+                (&fence, Type::INT8),
+                (&record.session_id, Type::TEXT),
+                (&record.session_cwd, Type::TEXT),
+                (&runs, Type::INT8),
+                (&failures, Type::INT8),
+                (&last_run, Type::TEXT),
+                (&finished, Type::TEXT),
+                (&extra, Type::TEXT),
+                (&entry, Type::TEXT),
+                (&keep, Type::INT8),
+            ],
+        );
+        let rows = self.check("record the run", result)?;
+        self.changed_one(&rows)?;
+        self.record = record;
+        Ok(())
+    }
+
     /// The row must have changed, on this run's backend.
     fn changed_one(&mut self, rows: &[postgres::Row]) -> anyhow::Result<()> {
         let Some(row) = rows.first() else {
@@ -721,48 +768,15 @@ impl Lease for PgLease {
     }
 
     fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()> {
-        let mut record = self.record.clone();
-        change(&mut record);
-        let last_run = record.last_run.as_ref().map(serde_json::to_string).transpose()?;
-        let finished = record.last_run.as_ref().map(|r| r.finished_at.clone());
-        let extra = serde_json::to_string(&record.extra)?;
-        let (runs, failures) = (record.runs as i64, record.failures_in_a_row as i64);
-        let (id, fence) = (self.id, self.fence);
-        let result = self.conn()?.client.query_typed(
-            "UPDATE chan_run_channel SET session_id = $3, session_cwd = $4, runs = $5, failures_in_a_row = $6, \
-             last_run = $7::jsonb, last_finished = $8::timestamptz, extra = $9::jsonb, holder_host = NULL, \
-             holder_pid = NULL, holder_backend = NULL, holder_since = NULL, holder_command = NULL, \
-             holder_command_pid = NULL, heartbeat = NULL \
-             WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
-            &[
-                (&id, Type::INT4),
-                (&fence, Type::INT8),
-                (&record.session_id, Type::TEXT),
-                (&record.session_cwd, Type::TEXT),
-                (&runs, Type::INT8),
-                (&failures, Type::INT8),
-                (&last_run, Type::TEXT),
-                (&finished, Type::TEXT),
-                (&extra, Type::TEXT),
-            ],
-        );
-        let rows = self.check("record the run", result)?;
-        self.changed_one(&rows)?;
-        self.record = record;
-        Ok(())
+        self.write(change, None)
     }
 
-    fn log(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
-        let entry = serde_json::to_string(entry)?;
-        let (id, fence, keep) = (self.id, self.fence, HISTORY_KEEP);
-        let result = self.conn()?.client.query_typed(
-            "WITH added AS (INSERT INTO chan_run_history (channel_id, run_no, entry) \
-             SELECT id, runs, $3::jsonb FROM chan_run_channel WHERE id = $1 AND fence = $2 \
-             ON CONFLICT (channel_id, run_no) DO UPDATE SET entry = EXCLUDED.entry RETURNING run_no) \
-             DELETE FROM chan_run_history WHERE channel_id = $1 AND run_no <= (SELECT run_no FROM added) - $4",
-            &[(&id, Type::INT4), (&fence, Type::INT8), (&entry, Type::TEXT), (&keep, Type::INT8)],
-        );
-        self.check("add the run to the history", result).map(drop)
+    fn record_run(
+        &mut self,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+        entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
+    ) -> (anyhow::Result<()>, anyhow::Result<()>) {
+        (self.write(change, Some(entry)), Ok(()))
     }
 
     fn release(mut self: Box<Self>) -> anyhow::Result<()> {

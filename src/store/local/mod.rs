@@ -549,8 +549,18 @@ impl Lease for LocalLease {
         Ok(())
     }
 
-    fn log(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
-        history::append(&self.store.history, &self.stem, entry)
+    fn record_run(
+        &mut self,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+        entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
+    ) -> (anyhow::Result<()>, anyhow::Result<()>) {
+        // The history gets the run even when active.json could not take it.
+        let mut after = ChannelRecord::default();
+        let recorded = self.update(&mut |r| {
+            change(r);
+            after = r.clone();
+        });
+        (recorded, history::append(&self.store.history, &self.stem, &entry(&after)))
     }
 
     fn release(self: Box<Self>) -> anyhow::Result<()> {
