@@ -49,11 +49,12 @@
 //!    restarts drops every lock at once; there the fence is what protects: the old
 //!    holder's final write is refused and its `CHAN_RUN_FENCE` is older than the new
 //!    holder's.)
-//! 6. The final record is written `WHERE fence = <this run's>` and must change exactly
-//!    one row; else "lock lost, state not written" and exit 122. Then the history row,
-//!    then `pg_advisory_unlock`, which grants the next waiter, then the connection is
-//!    closed. *Death between*: the record is committed or not as one statement; the
-//!    lock goes with the connection.
+//! 6. One statement writes the record and its history row `WHERE fence = <this
+//!    run's>`, and must change exactly one row; else "lock lost, state not written" and
+//!    exit 122. Only after it committed does `pg_advisory_unlock` grant the next waiter
+//!    (an unlock inside the statement would let the next holder read the old record).
+//!    The connection then closes with the process. *Death between*: the record and
+//!    history are committed or not, together; the lock goes with the connection.
 
 use super::{
     AcquireError, ChannelStatus, GcItem, Holder, HolderView, Lease, LockLost, Store, Wait, WaitNote, Waiter,
