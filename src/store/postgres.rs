@@ -244,19 +244,16 @@ impl PgStore {
     }
 
     /// Step 2: the channel's row id and whether this session now holds its lock.
-    fn try_lock(&self, conn: &mut Conn, channel: &Channel, try_it: bool) -> anyhow::Result<(i32, bool)> {
+    fn try_lock(&self, conn: &mut Conn, channel: &Channel) -> anyhow::Result<(i32, bool)> {
         let sql = format!(
-            "SELECT m.version, c.id, CASE WHEN c.id IS NOT NULL AND m.version = $2 AND $3 \
+            "SELECT m.version, c.id, CASE WHEN c.id IS NOT NULL AND m.version = $2 \
              THEN pg_try_advisory_lock({NS}, c.id) END, pg_backend_pid() \
              FROM chan_run_meta m LEFT JOIN chan_run_channel c ON c.channel = $1"
         );
         let known = MIGRATIONS.len() as i32;
         let mut migrated = false;
         loop {
-            let rows = conn.client.query_typed(
-                &sql,
-                &[(&channel.name(), Type::TEXT), (&known, Type::INT4), (&try_it, Type::BOOL)],
-            );
+            let rows = conn.client.query_typed(&sql, &[(&channel.name(), Type::TEXT), (&known, Type::INT4)]);
             let row = match rows {
                 Err(e) if !migrated && e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
                     self.migrate(conn)?;
@@ -466,7 +463,7 @@ impl Store for PgStore {
     ) -> Result<Box<dyn Lease>, AcquireError> {
         let mut conn = self.connect()?;
         loop {
-            let (id, got) = self.try_lock(&mut conn, channel, true)?;
+            let (id, got) = self.try_lock(&mut conn, channel)?;
             if !got {
                 if wait == Wait::No {
                     return Err(AcquireError::Busy);
