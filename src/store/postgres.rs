@@ -19,14 +19,17 @@
 //!    advisory lock keyed by (the table's oid, the row's id): never a hash of the name,
 //!    so two channels never share a lock, and two installations (schemas) in one
 //!    database never meet. A missing row is inserted (`ON CONFLICT DO NOTHING`) and the
-//!    statement repeated. *Death*: the connection closes, the server drops the lock.
-//! 3. Busy: `--no-wait` exits; else `pg_advisory_lock` blocks on a helper thread.
-//!    PostgreSQL grants an advisory lock's waiters in arrival order, and a release grants
-//!    the next waiter in the same instant, so a newcomer's try never jumps the queue:
-//!    that is SPEC's order, across hosts. `--wait` running out or a signal sends the
-//!    server a cancel request for the waiting statement, which leaves the queue at once.
-//!    *Death*: the server notices the closed socket within
-//!    `client_connection_check_interval` and removes the waiter.
+//!    statement repeated. The lock is tried only on the backend the connection started
+//!    with, and refused if that backend holds it already (advisory locks are reentrant:
+//!    a transaction-mode pooler's one server connection would serve two holders).
+//!    *Death*: the connection closes, the server drops the lock.
+//! 3. Busy: `--no-wait` exits; else `pg_advisory_lock` blocks on a helper thread (on the
+//!    connection's own backend, as in 2). PostgreSQL grants an advisory lock's waiters
+//!    in arrival order, and a release grants the next waiter in the same instant, so a
+//!    newcomer's try never jumps the queue: that is SPEC's order, across hosts. `--wait`
+//!    running out or a signal sends the server a cancel request for the waiting
+//!    statement, which leaves the queue at once. *Death*: the server notices the closed
+//!    socket within `client_connection_check_interval` and removes the waiter.
 //! 4. Granted: one statement checks in `pg_locks` that this very backend holds the lock
 //!    (a transaction-mode pooler would run it on another backend: refused), bumps the
 //!    row's `fence` from the global sequence, records the holder and returns the
@@ -141,8 +144,7 @@ pub struct PgStore {
 /// still the same (a transaction-mode pooler would switch it and void session locks).
 struct Conn {
     client: Client,
-    /// Learnt from the first statement that returns it.
-    backend: Option<i32>,
+    backend: i32,
 }
 
 impl PgStore {
@@ -195,14 +197,21 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let client = config.connect(NoTls).map_err(|e| {
+        let mut client = config.connect(NoTls).map_err(|e| {
             anyhow!(
                 "cannot connect to PostgreSQL at {} ({}); check --store / CHAN_RUN_STORE",
                 self.shown,
                 pg_error(&e)
             )
         })?;
-        Ok(Conn { client, backend: None })
+        // Unnamed statements only (`query_typed`: parse, bind and execute in one round
+        // trip), here and wherever no transaction is open: a transaction-mode pooler would
+        // run a named statement's parse and execute on different backends, and fail with
+        // "prepared statement does not exist" instead of the pooler check's message.
+        let rows =
+            client.query_typed("SELECT pg_backend_pid()", &[]).map_err(|e| self.failed("connect", &e))?;
+        let backend = rows.first().ok_or_else(|| anyhow!("SELECT pg_backend_pid() returned no row"))?.get(0);
+        Ok(Conn { client, backend })
     }
 
     fn failed(&self, what: &str, e: &postgres::Error) -> anyhow::Error {
@@ -243,17 +252,27 @@ impl PgStore {
         tx.commit().map_err(|e| self.failed("commit the migration", &e))
     }
 
-    /// Step 2: the channel's row id and whether this session now holds its lock.
+    /// Step 2: the channel's row id and whether this session now holds its lock. The lock
+    /// is tried only on this session's own backend (a pooler's other backend would keep
+    /// it after this session is gone), and only if that backend does not hold it
+    /// already: an advisory lock is reentrant, so a backend that holds it serves another
+    /// client's session too (a transaction-mode pooler with one server connection).
     fn try_lock(&self, conn: &mut Conn, channel: &Channel) -> anyhow::Result<(i32, bool)> {
         let sql = format!(
             "SELECT m.version, c.id, CASE WHEN c.id IS NOT NULL AND m.version = $2 \
-             THEN pg_try_advisory_lock({NS}, c.id) END, pg_backend_pid() \
-             FROM chan_run_meta m LEFT JOIN chan_run_channel c ON c.channel = $1"
+             AND pg_backend_pid() = $3 AND NOT h.held THEN pg_try_advisory_lock({NS}, c.id) END, \
+             pg_backend_pid(), h.held \
+             FROM chan_run_meta m LEFT JOIN chan_run_channel c ON c.channel = $1 \
+             CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_ROWS} \
+             AND l.objid::int8 = c.id AND l.pid = pg_backend_pid() AND l.granted) AS held) h"
         );
         let known = MIGRATIONS.len() as i32;
         let mut migrated = false;
         loop {
-            let rows = conn.client.query_typed(&sql, &[(&channel.name(), Type::TEXT), (&known, Type::INT4)]);
+            let rows = conn.client.query_typed(
+                &sql,
+                &[(&channel.name(), Type::TEXT), (&known, Type::INT4), (&conn.backend, Type::INT4)],
+            );
             let row = match rows {
                 Err(e) if !migrated && e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
                     self.migrate(conn)?;
@@ -269,6 +288,15 @@ impl PgStore {
                 Ok(rows) => rows.into_iter().next().ok_or_else(|| anyhow!("chan_run_meta is empty"))?,
             };
             conn.check_backend(row.get(3))?;
+            if row.get::<_, bool>(4) {
+                bail!(pooled(
+                    &self.shown,
+                    &format!(
+                        "backend pid {} already holds the channel's lock, for another client's session",
+                        conn.backend
+                    )
+                ));
+            }
             let version: i32 = row.get(0);
             if version > known {
                 bail!(newer_schema(&self.shown, version));
@@ -314,18 +342,26 @@ impl PgStore {
     fn wait_in_line(&self, conn: Conn, id: i32, wait: Wait, control: &Control) -> Result<Conn, AcquireError> {
         let token = conn.client.cancel_token();
         let waker = control.waker().context("cannot set up waiting")?;
-        let sql = format!("SELECT pg_advisory_lock({NS}, $1)");
+        // As in try_lock: never queue (and so never lock) on another backend.
+        let sql = format!(
+            "SELECT pg_backend_pid(), CASE WHEN pg_backend_pid() = $2 THEN pg_advisory_lock({NS}, $1)::text END"
+        );
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut conn = conn;
-            let got = conn.client.query_typed(&sql, &[(&id, Type::INT4)]).map(drop);
+            let backend = conn.backend;
+            let got = conn
+                .client
+                .query_typed(&sql, &[(&id, Type::INT4), (&backend, Type::INT4)])
+                .map(|rows| rows.first().map(|r| r.get::<_, i32>(0)));
             let _ = tx.send((conn, got)); // sent before the wake-up, so the wake finds it
             waker.wake();
         });
         loop {
             if let Ok((conn, got)) = rx.try_recv() {
                 return match got {
-                    Ok(()) => Ok(conn),
+                    Ok(Some(backend)) => conn.check_backend(backend).map(|()| conn).map_err(Into::into),
+                    Ok(None) => Err(anyhow!("waiting for the channel's lock returned no row").into()),
                     Err(e) => Err(self.failed("wait for the channel's lock", &e).into()),
                 };
             }
@@ -409,14 +445,12 @@ impl PgStore {
 }
 
 impl Conn {
-    fn check_backend(&mut self, backend: i32) -> anyhow::Result<()> {
-        match self.backend {
-            None => self.backend = Some(backend),
-            Some(first) if first != backend => bail!(pooled(
+    fn check_backend(&self, backend: i32) -> anyhow::Result<()> {
+        if backend != self.backend {
+            bail!(pooled(
                 "the server",
-                &format!("the backend changed from pid {first} to {backend} between two statements")
-            )),
-            Some(_) => {}
+                &format!("the backend changed from pid {} to {backend} between two statements", self.backend)
+            ));
         }
         Ok(())
     }

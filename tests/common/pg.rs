@@ -1,8 +1,9 @@
 //! A real PostgreSQL server for the store's tests: the shared one (`CHAN_RUN_TEST_PG`, or
 //! else `scripts/test-postgres start main` once per test process), an empty schema per
 //! test so each gets its own installation, `psql` to read the store's tables, and
-//! private clusters for the tests that stop their server. Without a server the tests
-//! skip, loudly, unless `CHAN_RUN_REQUIRE_PG=1` (CI) makes that a failure.
+//! private clusters for the tests that stop their server, reach it from another network
+//! namespace or put a PgBouncer in front of it. Without a server the tests skip, loudly,
+//! unless `CHAN_RUN_REQUIRE_PG=1` (CI) makes that a failure.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -54,21 +55,30 @@ pub fn try_psql(url: &str, sql: &str) -> Result<String, String> {
 }
 
 /// A cluster of the test's own, for tests that stop and restart their server; destroyed
-/// on drop.
+/// (with its PgBouncers) on drop.
 pub struct PrivateServer {
     name: String,
     url: String,
+    /// The script's `LISTEN`: more addresses to listen on, and networks to trust.
+    listen: Option<String>,
 }
 
 impl PrivateServer {
     /// Starts a new cluster named after `tag` (letters, digits, `-`, `_`), or `None`
     /// (after saying so) when none can be started.
     pub fn start(tag: &str) -> Option<PrivateServer> {
+        Self::start_listening(tag, None)
+    }
+
+    /// As [`PrivateServer::start`], also listening on the addresses of `listen`
+    /// (`ADDR/BITS,...`, which must exist) and trusting clients in those networks.
+    pub fn start_listening(tag: &str, listen: Option<&str>) -> Option<PrivateServer> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("p-{tag}-{}-{n}", std::process::id());
-        let url = script(&["start", &name]).map_err(unavailable).ok()?;
-        Some(PrivateServer { name, url })
+        let listen = listen.map(str::to_owned);
+        let url = script_with(&["start", &name], listen.as_deref()).map_err(unavailable).ok()?;
+        Some(PrivateServer { name, url, listen })
     }
 
     pub fn url(&self) -> &str {
@@ -82,9 +92,22 @@ impl PrivateServer {
 
     /// Starts the stopped server again, on the same port.
     pub fn start_again(&self) {
-        let url =
-            script(&["start", &self.name]).unwrap_or_else(|err| panic!("restarting {}: {err}", self.name));
+        let url = script_with(&["start", &self.name], self.listen.as_deref())
+            .unwrap_or_else(|err| panic!("restarting {}: {err}", self.name));
         assert_eq!(url, self.url, "the server came back on another port");
+    }
+
+    /// The URL of a PgBouncer in front of this server, in `mode` (`session` or
+    /// `transaction`) with `size` server connections that it hands out round robin; or
+    /// `None` (after saying so) when there is no pgbouncer and none can be installed.
+    pub fn pgbouncer(&self, mode: &str, size: u32) -> Option<String> {
+        script(&["pgbouncer", &self.name, mode, &size.to_string()]).map_err(unavailable).ok()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        let path = script(&["log", &self.name]).unwrap_or_else(|err| panic!("{err}"));
+        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {path}: {err}"))
     }
 }
 
@@ -98,8 +121,18 @@ impl Drop for PrivateServer {
 
 /// Runs `scripts/test-postgres ARGS`: its trimmed stdout, or its stderr as the error.
 fn script(args: &[&str]) -> Result<String, String> {
-    let out =
-        Command::new(SCRIPT).args(args).output().map_err(|err| format!("cannot run {SCRIPT}: {err}"))?;
+    script_with(args, None)
+}
+
+/// As [`script`], with `LISTEN` set (or cleared, so the caller's never leaks in).
+fn script_with(args: &[&str], listen: Option<&str>) -> Result<String, String> {
+    let mut cmd = Command::new(SCRIPT);
+    cmd.args(args);
+    match listen {
+        Some(listen) => cmd.env("LISTEN", listen),
+        None => cmd.env_remove("LISTEN"),
+    };
+    let out = cmd.output().map_err(|err| format!("cannot run {SCRIPT}: {err}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
