@@ -9,7 +9,8 @@
 //! `chan_run_fence`.
 //!
 //! # Protocol of one run, and what a death at each step leaves
-//! 1. Connect. The session turns off the server's statement, lock and idle timeouts,
+//! 1. Connect. The first statement reads the backend's pid and, with `set_config`,
+//!    turns off the server's statement, lock and idle timeouts,
 //!    sets its TCP keepalives and `tcp_user_timeout` (server side: a silent client is
 //!    dropped after [`SERVER_DROPS_AFTER`] at the earliest), and
 //!    `client_connection_check_interval`, so a waiter whose process died leaves the
@@ -123,7 +124,15 @@ const _: () = assert!(
         < SERVER_DROPS_AFTER.as_secs()
 );
 
-const SESSION_OPTIONS: &str = " -c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 -c idle_session_timeout=0 -c client_connection_check_interval=1000 -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 -c tcp_user_timeout=20000";
+/// The session's settings, set by the first statement (not as startup `options`, which
+/// PgBouncer refuses or drops): no server timeout may cut a wait or a holder short, a
+/// dead waiter leaves the queue within a second, and a silent client keeps its session
+/// for [`SERVER_DROPS_AFTER`] at least.
+const SESSION_SETTINGS: &str = "SELECT pg_backend_pid(), set_config('statement_timeout', '0', false), \
+     set_config('lock_timeout', '0', false), set_config('idle_in_transaction_session_timeout', '0', false), \
+     set_config('idle_session_timeout', '0', false), set_config('client_connection_check_interval', '1000', false), \
+     set_config('tcp_keepalives_idle', '10', false), set_config('tcp_keepalives_interval', '5', false), \
+     set_config('tcp_keepalives_count', '3', false), set_config('tcp_user_timeout', '20000', false)";
 
 /// The lock namespace: the channel table's oid, as the int4 with its bits (so
 /// `pg_locks.classid` shows the oid itself).
@@ -186,8 +195,6 @@ impl PgStore {
         let mut name = format!("chan-run {} {}", std::process::id(), self.host);
         truncate(&mut name, 63);
         config.application_name(&name);
-        let options = format!("{}{SESSION_OPTIONS}", self.config.get_options().unwrap_or(""));
-        config.options(&options);
         config
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(2))
@@ -209,7 +216,7 @@ impl PgStore {
         // run a named statement's parse and execute on different backends, and fail with
         // "prepared statement does not exist" instead of the pooler check's message.
         let rows =
-            client.query_typed("SELECT pg_backend_pid()", &[]).map_err(|e| self.failed("connect", &e))?;
+            client.query_typed(SESSION_SETTINGS, &[]).map_err(|e| self.failed("set up the session", &e))?;
         let backend = rows.first().ok_or_else(|| anyhow!("SELECT pg_backend_pid() returned no row"))?.get(0);
         Ok(Conn { client, backend })
     }
