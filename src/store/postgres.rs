@@ -471,13 +471,19 @@ impl Conn {
         holder: Option<HolderColumns>,
     ) -> Result<(), String> {
         let (since, command) = holder.map(|h| (h.since, h.command)).unzip();
+        // The fence says nobody was granted the channel since; `pg_locks` says this
+        // session still holds it (nothing reset or unlocked it under us).
+        let sql = format!(
+            "UPDATE chan_run_channel SET heartbeat = now(), holder_command_pid = COALESCE($3, holder_command_pid), \
+             holder_since = COALESCE($4::timestamptz, holder_since), \
+             holder_command = COALESCE($5::jsonb, holder_command) \
+             WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid(), EXISTS (SELECT 1 FROM pg_locks l \
+             WHERE {LOCK_ROWS} AND l.objid::int8 = $1 AND l.pid = pg_backend_pid() AND l.granted)"
+        );
         let rows = self
             .client
             .query_typed(
-                "UPDATE chan_run_channel SET heartbeat = now(), holder_command_pid = COALESCE($3, holder_command_pid), \
-                 holder_since = COALESCE($4::timestamptz, holder_since), \
-                 holder_command = COALESCE($5::jsonb, holder_command) \
-                 WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid()",
+                &sql,
                 &[
                     (&id, Type::INT4),
                     (&fence, Type::INT8),
@@ -489,6 +495,9 @@ impl Conn {
             .map_err(|e| format!("the heartbeat failed: {}", pg_error(&e)))?;
         match rows.first() {
             None => Err(format!("the channel's fence moved past {fence}: another holder took it")),
+            Some(row) if !row.get::<_, bool>(1) => {
+                Err("this session no longer holds the channel's lock".into())
+            }
             Some(row) => self.check_backend(row.get(0)).map_err(|e| format!("{e:#}")),
         }
     }
@@ -821,14 +830,26 @@ impl Lease for PgLease {
     fn release(mut self: Box<Self>) -> anyhow::Result<()> {
         let id = self.id;
         let conn = self.conn()?;
-        conn.client
-            .query_typed(&format!("SELECT pg_advisory_unlock({NS}, $1)"), &[(&id, Type::INT4)])
+        let rows = conn
+            .client
+            .query_typed(
+                &format!("SELECT pg_advisory_unlock({NS}, $1), pg_backend_pid()"),
+                &[(&id, Type::INT4)],
+            )
             .map_err(|e| {
                 anyhow!(
                     "cannot unlock the channel ({}); the server drops the lock as the connection closes",
                     pg_error(&e)
                 )
             })?;
+        let unlocked = rows.first().is_some_and(|r| r.get::<_, bool>(0));
+        if !unlocked {
+            let backend = rows.first().map(|r| r.get::<_, i32>(1));
+            bail!(
+                "the unlock found no lock of this session's on the channel (backend {backend:?}, expected {}); a pooler may keep it",
+                conn.backend
+            );
+        }
         // Not closed politely: that waits for the backend to exit, and the channel is
         // already handed on. The socket closes as this process exits, which the server
         // takes as the quiet end of an idle session.
