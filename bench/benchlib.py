@@ -57,9 +57,10 @@ def durable_write(directory, counter=[0]):
 
 
 def interleave(rounds, spec, warmup=5):
-    """spec: {name: argv list | ("durable_write", dir)}. Runs `warmup` unrecorded
-    rounds, then `rounds` recorded ones; returns {name: [ms per round, ...]}, so
-    out[a][i] and out[b][i] are a pair measured side by side."""
+    """spec: {name: argv list | ("durable_write", dir) | a function}. Runs `warmup`
+    unrecorded rounds, then `rounds` recorded ones; returns {name: [ms per round, ...]},
+    so out[a][i] and out[b][i] are a pair measured side by side. A function is timed
+    in-process, from call to return (bench/postgres.sh: a connection, a query)."""
     names = list(spec)
     out = {n: [] for n in names}
     gc.disable()
@@ -71,6 +72,10 @@ def interleave(rounds, spec, warmup=5):
                 s = spec[n]
                 if isinstance(s, tuple) and s[0] == "durable_write":
                     dt = durable_write(s[1])
+                elif callable(s):
+                    t0 = time.perf_counter()
+                    s()
+                    dt = time.perf_counter() - t0
                 else:
                     dt, code = spawn_wait(s)
                     if code != 0:

@@ -12,6 +12,9 @@
 #   scale.sh       4. 1 to 100,000 channels in active.json: overhead and peak RSS
 #   passthrough.sh 5. 1 GiB through chan-run's stdout
 #   timeout.sh     6. timeout precision
+#   postgres.sh    the PostgreSQL store: per-run overhead and hand-off latency against
+#                  throw-away servers from scripts/test-postgres (skipped, with the reason
+#                  in the summary, when no server can be started)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 summary_out=${1:-}
@@ -25,7 +28,7 @@ start=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 t0=$EPOCHREALTIME
 failed=()
-for script in callgrind overhead throughput handoff scale passthrough timeout; do
+for script in callgrind overhead throughput handoff scale passthrough timeout postgres; do
   echo
   echo "######## bench/$script.sh"
   s0=$EPOCHREALTIME
@@ -49,9 +52,12 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 order = ["overhead-tmpfs", "overhead-disk", "throughput-tmpfs", "throughput-disk", "handoff-tmpfs",
          "handoff-disk", "scale-time-tmpfs", "scale-time-disk", "scale-rss-tmpfs", "scale-rss-disk",
-         "passthrough-rate", "passthrough-rss", "timeout", "callgrind"]
+         "passthrough-rate", "passthrough-rss", "timeout", "callgrind",
+         "pg-overhead-fsync-off", "pg-overhead-fsync-on", "handoff-pg-fsync-off", "handoff-pg-fsync-on", "pg-skipped"]
 rows.sort(key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
 def verdict(r):
+    if r.get("skipped"):
+        return f"skipped - {r['detail']}"
     return {True: "met", False: "**MISSED**", None: "(no goal)"}[r["met"]] + f" - {r['detail']}"
 out = []
 out.append("| measurement | chan-run | reference (same run) | goal | result |")
