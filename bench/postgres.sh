@@ -249,9 +249,12 @@ if url_fsync:
 
 # --- CPU per run, not interleaved (the ticks are 10 ms: totals over cpu_runs runs).
 def postmaster(u):
-    pid = int(one_value(u, "SELECT pg_backend_pid()"))
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    c = Conn(u)  # open while its backend's /proc entry is read
+    try:
+        with open(f"/proc/{c.backend_pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    finally:
+        c.close()
 def reaped_cpu(pid):
     """CPU seconds of pid's exited and reaped children (the server's backends)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -270,12 +273,13 @@ try:
 except OSError as e:
     pm = None
     print(f"  (no server CPU figures: cannot read the postmaster's /proc entry: {e})")
+nan = float("nan")
 def batch(fn):
     time.sleep(0.3)
     s0 = reaped_cpu(pm) if pm else 0
     own = [fn() for _ in range(cpu_runs)]
     time.sleep(0.5)
-    return median(own), ((reaped_cpu(pm) - s0) * 1000 / cpu_runs if pm else float("nan"))
+    return median(own), ((reaped_cpu(pm) - s0) * 1000 / cpu_runs if pm else nan)
 def bare():
     Conn(url).close()
     return 0.0
