@@ -39,6 +39,7 @@ skip() {
   exit 0
 }
 
+url='' url_fsync='' shm='' disk='' # set by `cluster NAME VAR` and `mkwork VAR ...`
 started=()
 _pg_cleanup() {
   local n
@@ -58,7 +59,6 @@ cluster() { # cluster NAME VAR: VAR=the URL of NAME, started if it is not runnin
 
 [ -f "$tp" ] || skip "$tp is missing (TEST_POSTGRES=PATH names another copy)"
 cluster bench url || skip "$tp start bench failed (see its message above)"
-url_fsync=
 if cluster bench-fsync url_fsync; then
   # fsync and full_page_writes are reloadable, synchronous_commit is per session.
   if ! python3 - "$bench_dir" "$url_fsync" <<'PY'; then
