@@ -13,8 +13,10 @@
 #        trip / one commit on an already open connection;
 #      - CPU per run: chan-run's own (wait4's rusage) and the server backend's (the
 #        postmaster's reaped-children CPU), for chan-run and for a bare connection.
+#      And the same runs through PgBouncer in session mode (`scripts/test-postgres
+#      pgbouncer bench session 16`): what reusing server backends saves.
 #   2. hand-off latency, 8 waiters: bench/handoff.sh --store ... on tmpfs, whose rounds
-#      alternate flock, the local store and each PG cluster.
+#      alternate flock, the local store, each PG cluster and the PgBouncer.
 # Two clusters: `bench`, as scripts/test-postgres makes every test cluster (fsync=off,
 # synchronous_commit=off: no commit waits for the disk), and `bench-fsync`, the same
 # with fsync, synchronous_commit and full_page_writes back on (ALTER SYSTEM + reload),
@@ -39,7 +41,7 @@ skip() {
   exit 0
 }
 
-url='' url_fsync='' shm='' disk='' # set by `cluster NAME VAR` and `mkwork VAR ...`
+url='' url_fsync='' url_pool='' shm='' disk='' # set by `cluster NAME VAR` and `mkwork VAR ...`
 started=()
 _pg_cleanup() {
   local n
@@ -83,25 +85,34 @@ PY
 else
   echo "postgres.sh: cannot start a second cluster (bench-fsync): no fsync=on rows" >&2
 fi
+# The same server behind PgBouncer in session mode (one server connection per client,
+# reset with DISCARD ALL, which drops advisory locks, when the client leaves): backends
+# are reused, so no fork and warm caches. 16 server connections: the hand-off's 9
+# clients each keep one.
+if ! url_pool=$(bash "$tp" pgbouncer bench session 16); then
+  echo "postgres.sh: cannot start PgBouncer in front of cluster bench: no pooled rows" >&2
+  url_pool=
+fi
+pg_log=$(bash "$tp" log bench 2>/dev/null || true)
 need strace strace || true
 
 mkwork shm /dev/shm pg
 mkwork disk /var/tmp pg
 # First runs: create the tables (PG) and the state directories; not counted.
-for u in "$url" $url_fsync; do "$bin" --store "$u" run -c ch -- "$true_bin"; done
+for u in "$url" $url_fsync $url_pool; do "$bin" --store "$u" run -c ch -- "$true_bin"; done
 "$bin" --state-dir "$shm/state" run -c ch -- "$true_bin"
 "$bin" --state-dir "$disk/state" run -c ch -- "$true_bin"
 
 echo "== PostgreSQL store: per-run overhead, $rounds interleaved rounds"
-echo "  fsync off: $url; fsync on: ${url_fsync:-(none)}"
+echo "  fsync off: $url; fsync on: ${url_fsync:-(none)}; PgBouncer (session pool, fsync off): ${url_pool:-(none)}"
 python3 - "$bench_dir" "$rounds" "$cpu_runs" "$shm" "$disk" "$bin" "$true_bin" "$url" "$url_fsync" \
-  "$(command -v strace || true)" "$(fstype /dev/shm)" "$(fstype /var/tmp)" <<'PY'
+  "$(command -v strace || true)" "$(fstype /dev/shm)" "$(fstype /var/tmp)" "$url_pool" "$pg_log" <<'PY'
 import os, re, subprocess, sys, tempfile, time
 sys.path.insert(0, sys.argv[1])
 from benchlib import interleave, median, pct, record
 from pgwire import Conn, one_value, parse_url
 rounds, cpu_runs = int(sys.argv[2]), int(sys.argv[3])
-shm, disk, bin, true, url, url_fsync, strace, fs_shm, fs_disk = sys.argv[4:13]
+shm, disk, bin, true, url, url_fsync, strace, fs_shm, fs_disk, url_pool, pg_log = sys.argv[4:15]
 data_dir = one_value(url, "SHOW data_directory")
 fs_data = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", data_dir], capture_output=True, text=True).stdout.split()
 fs_data = fs_data[0] if fs_data else "?"
@@ -141,10 +152,10 @@ def server_counts(u, runs):
 def statement_time(u, runs):
     """Per run, from the server's log with log_min_duration_statement=0 for chan-run's
     sessions only: the statements (parse messages) and the server's time in them (parse
-    + bind + execute). The log is where scripts/test-postgres keeps it (next to the
-    data directory); None if it is not there."""
-    log = os.path.join(os.path.dirname(data_dir), "log")
-    if not os.access(log, os.R_OK):
+    + bind + execute). The log is the one `scripts/test-postgres log` names; None
+    without one."""
+    log = pg_log
+    if not log or not os.access(log, os.R_OK):
         return None
     start = os.path.getsize(log)
     logged = u + ("&" if "?" in u else "?") + "options=-c%20log_min_duration_statement%3D0"
@@ -207,6 +218,8 @@ commit = "UPDATE chan_run_bench_probe SET n = n + 1 WHERE id = 2"
 spec = {"chan-run --store PG, fsync off": pg_run(url)}
 if url_fsync:
     spec["chan-run --store PG, fsync on"] = pg_run(url_fsync)
+if url_pool:
+    spec["chan-run --store PgBouncer session"] = pg_run(url_pool)
 spec.update({
     f"chan-run, local store ({fs_shm})": local_run(shm),
     f"chan-run, local store (disk, {fs_disk})": local_run(disk),
@@ -246,6 +259,10 @@ if url_fsync:
     print(f"  PG (fsync on) / local store on disk: {pgs / locd:.2f}; fsync on - off: chan-run {pgs - pg:+.2f} ms,"
           f" in-process shape {shapes - shape:+.2f} ms; one commit on an open connection {c_on:.3f} vs {c_off:.3f} ms")
     rows.append(("on", pgs, locd, f"disk, {fs_disk}", shapes))
+if url_pool:
+    pool = m["chan-run --store PgBouncer session"]
+    print(f"  through PgBouncer in session mode (fsync off): {pool:.2f} ms, {pool - pg:+.2f} ms vs direct,"
+          f" {pool / loc:.2f}x the local store")
 
 # --- CPU per run, not interleaved (the ticks are 10 ms: totals over cpu_runs runs).
 def postmaster(u):
@@ -302,9 +319,14 @@ for fsync, p, l, where, sh in rows:
             "goal": "(none; reported)", "met": None,
             "detail": f"+{p - l:.2f} ms vs local: connect {conn:.2f}, {rt} round trips / {writes_n} commits"
                       f" (in-process shape {sh:.2f} ms)"})
+if url_pool:
+    record({"id": "pg-overhead-pool", "what": "PG store through PgBouncer (session mode), per-run overhead (fsync off)",
+            "figure": f"{pool:.2f} ms", "ref": f"direct {pg:.2f} ms; local store ({fs_shm}) {loc:.2f} ms ({pool / loc:.1f}x)",
+            "goal": "(none; reported)", "met": None, "detail": f"{pool - pg:+.2f} ms vs direct: no new backend per run"})
 PY
 
 echo
 stores=(--store "pg-fsync-off=$url")
 [ -z "$url_fsync" ] || stores+=(--store "pg-fsync-on=$url_fsync")
+[ -z "$url_pool" ] || stores+=(--store "pg-pool=$url_pool")
 bash "$bench_dir/handoff.sh" "${stores[@]}" "$handoff_rounds" /dev/shm

@@ -53,7 +53,8 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 order = ["overhead-tmpfs", "overhead-disk", "throughput-tmpfs", "throughput-disk", "handoff-tmpfs",
          "handoff-disk", "scale-time-tmpfs", "scale-time-disk", "scale-rss-tmpfs", "scale-rss-disk",
          "passthrough-rate", "passthrough-rss", "timeout", "callgrind",
-         "pg-overhead-fsync-off", "pg-overhead-fsync-on", "handoff-pg-fsync-off", "handoff-pg-fsync-on", "pg-skipped"]
+         "pg-overhead-fsync-off", "pg-overhead-fsync-on", "pg-overhead-pool", "handoff-pg-fsync-off",
+         "handoff-pg-fsync-on", "handoff-pg-pool", "pg-skipped"]
 rows.sort(key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
 def verdict(r):
     if r.get("skipped"):
