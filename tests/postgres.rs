@@ -349,3 +349,34 @@ fn bad_store_urls_unreachable_servers_and_newer_schemas_exit_125_with_one_line()
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("newer chan-run"));
 }
+
+#[test]
+fn tls_is_used_and_the_servers_certificate_checked_when_the_url_asks() {
+    let Some(server) = pg::PrivateServer::start("tls") else { return };
+    let ca = server.tls();
+    let store = pg::fresh_store(server.url());
+    let env = TestEnv::with_store(&format!("{store}&sslmode=verify-full&sslrootcert={ca}"));
+    env.run(&["-c", "t"], &sh(r#"echo '{"session_id":"over-tls"}'"#)).assert().code(0);
+    assert_eq!(status(&env, "t")["session_id"], "over-tls");
+    // Leaving the queue sends the cancel request over TLS too.
+    let holder = env.hold("t", "held", "go");
+    let waiter = enqueue(&env, "t", 0, None);
+    waiter.signal(Signal::INT);
+    waiter.finish(PATIENCE).assert_code(130);
+    assert_eq!(queued_pids(&env, "t"), Vec::<u32>::new());
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+
+    // Without the CA the certificate cannot be checked: refused, and nothing runs.
+    let unchecked = TestEnv::with_store(&format!("{store}&sslmode=require"));
+    let out = unchecked.run(&["-c", "t"], &sh("started ran")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("certificate") && stderr.contains("sslrootcert"), "{stderr}");
+    assert!(!unchecked.exists("ran"));
+    // The server now refuses plain TCP: the runs above went over TLS.
+    let plain = TestEnv::with_store(&store);
+    let out = plain.run(&["-c", "t"], &["true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no encryption"));
+}

@@ -74,6 +74,7 @@ use std::os::fd::RawFd;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The schema versions, in order; `chan_run_meta.version` counts the ones applied.
 const MIGRATIONS: &[&str] = &[r#"
@@ -147,6 +148,8 @@ pub struct PgStore {
     /// The server as messages name it (never the password).
     shown: String,
     host: String,
+    /// TLS, when the URL's `sslmode` asks for it (the server's certificate verified).
+    tls: Option<MakeRustlsConnect>,
 }
 
 /// A connection and the backend it talks to: every statement checks the backend is
@@ -163,14 +166,20 @@ impl PgStore {
                 "--store {url:?} is not a store chan-run knows: use postgres://USER@HOST[:PORT]/DB, or leave --store and CHAN_RUN_STORE unset for the local state directory"
             );
         }
+        let (url, tls) = read_tls(url)?;
         let mut config: postgres::Config = url.parse().map_err(|e| {
             anyhow!("--store: cannot read the URL ({e}); expected postgres://USER@HOST[:PORT]/DB")
         })?;
-        if config.get_ssl_mode() == postgres::config::SslMode::Require {
-            bail!(
-                "--store: sslmode=require is not supported yet; reach the server over a trusted network or a tunnel, and drop sslmode from the URL"
-            );
-        }
+        let tls = match tls {
+            None => {
+                config.ssl_mode(postgres::config::SslMode::Disable);
+                None
+            }
+            Some(root) => {
+                config.ssl_mode(postgres::config::SslMode::Require);
+                Some(tls_connector(root)?)
+            }
+        };
         if config.get_password().is_none()
             && let Some(password) = std::env::var_os("PGPASSWORD")
         {
@@ -187,7 +196,7 @@ impl PgStore {
         let port = config.get_ports().first().map(|p| format!(":{p}")).unwrap_or_default();
         let shown = format!("{}{port}/{}", hosts.join(","), config.get_dbname().unwrap_or(""));
         let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-        Ok(PgStore { config, shown, host })
+        Ok(PgStore { config, shown, host, tls })
     }
 
     fn connect(&self) -> anyhow::Result<Conn> {
@@ -204,9 +213,17 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let mut client = config.connect(NoTls).map_err(|e| {
+        let connected = match &self.tls {
+            Some(tls) => config.connect(tls.clone()),
+            None => config.connect(NoTls),
+        };
+        let mut client = connected.map_err(|e| {
+            let hint = match &self.tls {
+                Some(_) => "; with sslmode=require chan-run verifies the server's certificate: name its CA with sslrootcert=FILE in the URL or PGSSLROOTCERT",
+                None => "",
+            };
             anyhow!(
-                "cannot connect to PostgreSQL at {} ({}); check --store / CHAN_RUN_STORE",
+                "cannot connect to PostgreSQL at {} ({}); check --store / CHAN_RUN_STORE{hint}",
                 self.shown,
                 pg_error(&e)
             )
@@ -348,6 +365,7 @@ impl PgStore {
     /// the deadline and signals; giving up cancels the waiting statement.
     fn wait_in_line(&self, conn: Conn, id: i32, wait: Wait, control: &Control) -> Result<Conn, AcquireError> {
         let token = conn.client.cancel_token();
+        let tls = self.tls.clone();
         let waker = control.waker().context("cannot set up waiting")?;
         // As in try_lock: never queue (and so never lock) on another backend.
         let sql = format!(
@@ -381,7 +399,10 @@ impl PgStore {
                 // Leaves the queue now rather than when the server notices the closed
                 // socket. If the lock was granted meanwhile, the connection's close at
                 // exit drops it.
-                let _ = token.cancel_query(NoTls);
+                let _ = match tls {
+                    Some(tls) => token.cancel_query(tls),
+                    None => token.cancel_query(NoTls),
+                };
                 return Err(why);
             }
             let deadline = match wait {
@@ -885,6 +906,89 @@ fn heartbeat(
     }
 }
 
+/// Takes libpq's TLS parameters out of the URL (the client library knows neither
+/// `sslrootcert` nor `verify-*`): `Some(root)` when `sslmode` is `require`, `verify-ca`
+/// or `verify-full` (all three verify the server's certificate and name: stricter than
+/// libpq's `require`), with the CA file from `sslrootcert` or `PGSSLROOTCERT` (else the
+/// system's store); `None` for no `sslmode` or `disable`/`allow`/`prefer`, which chan-run
+/// takes as plain TCP: a certificate it cannot check is no better than none.
+fn read_tls(url: &str) -> anyhow::Result<(String, Option<Option<std::path::PathBuf>>)> {
+    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_owned(), None)) };
+    let mut kept = Vec::new();
+    let mut tls = false;
+    let mut root = std::env::var_os("PGSSLROOTCERT").filter(|r| !r.is_empty()).map(std::path::PathBuf::from);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sslrootcert" => root = Some(percent_decode(value).into()),
+            "sslmode" => match value {
+                "disable" | "allow" | "prefer" => {}
+                "require" | "verify-ca" | "verify-full" => tls = true,
+                other => bail!(
+                    "--store: sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                ),
+            },
+            _ => kept.push(pair),
+        }
+    }
+    let url = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
+    Ok((url, tls.then_some(root)))
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A TLS connector trusting `root` (a PEM file of CA certificates), else the system's
+/// certificate store.
+fn tls_connector(root: Option<std::path::PathBuf>) -> anyhow::Result<MakeRustlsConnect> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match &root {
+        Some(path) => {
+            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| anyhow!("--store: cannot read sslrootcert {} ({e})", path.display()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| anyhow!("--store: sslrootcert {}: {e}", path.display()))?;
+                roots.add(cert).map_err(|e| anyhow!("--store: sslrootcert {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert); // one odd certificate in the store is no reason to fail
+            }
+        }
+    }
+    if roots.is_empty() {
+        bail!(
+            "--store: sslmode asks for TLS but there is no CA certificate to verify the server with; name one with sslrootcert=FILE in the URL or PGSSLROOTCERT"
+        );
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow!("TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
 /// A jsonb column read as text, parsed (`None` if null or unreadable).
 fn json_column<T: serde::de::DeserializeOwned>(row: &postgres::Row, i: usize) -> Option<T> {
     row.get::<_, Option<String>>(i).and_then(|t| serde_json::from_str(&t).ok())
@@ -956,8 +1060,20 @@ mod tests {
     fn urls_other_than_postgres_are_refused_with_the_fix() {
         let e = PgStore::open("mysql://x").err().unwrap().to_string();
         assert!(e.contains("postgres://USER@HOST"), "{e}");
-        let e = PgStore::open("postgres://u@h/db?sslmode=require").err().unwrap().to_string();
-        assert!(e.contains("sslmode=require"), "{e}");
+        let e = PgStore::open("postgres://u@h/db?sslmode=bogus").err().unwrap().to_string();
+        assert!(e.contains("sslmode=bogus is not one of"), "{e}");
+        let e = PgStore::open("postgres://u@h/db?sslmode=verify-full&sslrootcert=/no/such%20file")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot read sslrootcert /no/such file"), "{e}");
+        let (url, tls) =
+            read_tls("postgres://u@h/db?options=-c%20x%3D1&sslmode=require&sslrootcert=%2Fca.pem").unwrap();
+        assert_eq!(
+            (url.as_str(), tls),
+            ("postgres://u@h/db?options=-c%20x%3D1", Some(Some("/ca.pem".into())))
+        );
+        assert_eq!(read_tls("postgres://u@h/db?sslmode=prefer").unwrap(), ("postgres://u@h/db".into(), None));
         let shown = PgStore::open("postgres://u:secret@db.example:6432/bots").unwrap().shown;
         assert_eq!(shown, "db.example:6432/bots");
     }

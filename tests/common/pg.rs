@@ -104,6 +104,12 @@ impl PrivateServer {
         script(&["pgbouncer", &self.name, mode, &size.to_string()]).map_err(unavailable).ok()
     }
 
+    /// Turns on TLS (a fresh CA and a server certificate for 127.0.0.1) and refuses
+    /// plain TCP from now on; returns the CA certificate's path.
+    pub fn tls(&self) -> String {
+        script(&["ssl", &self.name]).unwrap_or_else(|err| panic!("{err}"))
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         let path = script(&["log", &self.name]).unwrap_or_else(|err| panic!("{err}"));
