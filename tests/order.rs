@@ -7,13 +7,6 @@ mod common;
 use common::*;
 use rustix::process::Signal;
 
-fn order(env: &TestEnv) -> Vec<usize> {
-    if !env.exists("order") {
-        return Vec::new();
-    }
-    env.read("order").lines().map(|l| l.parse().unwrap()).collect()
-}
-
 #[test]
 fn sixty_four_callers_run_in_registration_order() {
     let env = TestEnv::new();
@@ -30,7 +23,7 @@ fn sixty_four_callers_run_in_registration_order() {
     for run in callers {
         run.finish(PATIENCE).assert_code(0);
     }
-    assert_eq!(order(&env), (0..64).collect::<Vec<_>>());
+    assert_eq!(env.order(), (0..64).collect::<Vec<_>>());
     assert_eq!(env.tickets("fifo"), 0, "every ticket is cleaned up");
 }
 
@@ -66,7 +59,7 @@ fn killed_and_impatient_waiters_never_reorder_or_block_the_rest() {
         run.finish(PATIENCE).assert_code(0);
         served.push(i);
     }
-    assert_eq!(order(&env), served, "the rest ran in registration order, and nobody else ran");
+    assert_eq!(env.order(), served, "the rest ran in registration order, and nobody else ran");
     assert_eq!(served.len(), 44);
     assert_eq!(env.tickets("mixed"), 0, "dead tickets are cleaned up");
 }
@@ -82,7 +75,7 @@ fn a_holder_killed_mid_run_hands_over_to_the_next_in_line() {
         run.finish(PATIENCE).assert_code(0);
     }
     assert!(started.elapsed() < secs(5.0), "hand-over took {:?}", started.elapsed());
-    assert_eq!(order(&env), [0, 1, 2]);
+    assert_eq!(env.order(), [0, 1, 2]);
 }
 
 #[test]
@@ -102,7 +95,7 @@ fn no_wait_is_busy_while_anyone_waits_and_reset_queues_like_a_run() {
     first.finish(PATIENCE).assert_code(0);
     reset.finish(PATIENCE).assert_code(0);
     second.finish(PATIENCE).assert_code(0);
-    assert_eq!(order(&env), [0, 1]);
+    assert_eq!(env.order(), [0, 1]);
     // The reset ran between the two: the first run's record was already there.
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(env.state().join("active.json")).unwrap()).unwrap();

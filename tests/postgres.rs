@@ -67,13 +67,6 @@ fn enqueue(env: &TestEnv, channel: &str, i: usize, host: Option<&str>) -> Runnin
     run
 }
 
-fn order(env: &TestEnv) -> Vec<usize> {
-    if !env.exists("order") {
-        return Vec::new();
-    }
-    env.read("order").lines().map(|l| l.parse().unwrap()).collect()
-}
-
 #[test]
 fn runs_on_one_channel_never_overlap_and_other_channels_run_meanwhile() {
     let Some((env, store)) = setup() else { return };
@@ -120,7 +113,7 @@ fn thirty_two_waiters_from_three_hosts_are_served_in_arrival_order() {
     for run in callers {
         run.finish(PATIENCE).assert_code(0);
     }
-    assert_eq!(order(&env), (0..32).collect::<Vec<_>>());
+    assert_eq!(env.order(), (0..32).collect::<Vec<_>>());
 }
 
 #[test]
@@ -302,7 +295,7 @@ fn an_interrupted_or_impatient_waiter_leaves_the_queue_at_once() {
     env.open_gate("go");
     holder.finish(PATIENCE).assert_code(0);
     last.finish(PATIENCE).assert_code(0);
-    assert_eq!(order(&env), [2]);
+    assert_eq!(env.order(), [2]);
 }
 
 #[test]

@@ -245,6 +245,15 @@ impl TestEnv {
         run
     }
 
+    /// The callers that ran, in the order they ran: the numbers their commands appended
+    /// to `$T/order` (see [`TestEnv::enqueue`]).
+    pub fn order(&self) -> Vec<usize> {
+        if !self.exists("order") {
+            return Vec::new();
+        }
+        self.read("order").lines().map(|l| l.parse().unwrap()).collect()
+    }
+
     /// Blocks (bounded) until `n` callers wait in `stem`'s queue.
     pub fn wait_for_tickets(&self, stem: &str, n: usize) {
         wait_until(&format!("{n} callers queued on {stem}"), || self.tickets(stem) == n);
