@@ -373,3 +373,37 @@ fn tls_is_used_and_the_servers_certificate_checked_when_the_url_asks() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no encryption"));
 }
+
+#[test]
+fn what_a_sigkilled_holder_left_on_this_host_is_killed_by_the_next_holder() {
+    let Some((env, _store)) = setup() else { return };
+    let holder = env.spawn(&["-c", "o"], &sh(r#"sleep 300 & echo $! > "$T/grandchild"; started held; wait"#));
+    env.wait_for_file("held");
+    let grandchild = env.read_pid("grandchild");
+    let _cleanup = KillOnDrop(vec![grandchild]);
+    wait_until("the first beat to record the command", || {
+        status(&env, "o")["holder"]["command_pid"].is_u64()
+    });
+    holder.signal(Signal::KILL);
+    drop(holder);
+    // The command's leader dies with chan-run (PR_SET_PDEATHSIG); its child, in the
+    // same process group, lives on until the next holder on this host cleans up.
+    assert!(is_alive(grandchild), "the leftover outlived its chan-run");
+    env.run(&["-c", "o"], &["true"]).assert().code(0);
+    assert!(!is_alive(grandchild), "the next holder killed the leftover");
+}
+
+#[test]
+fn an_older_schema_is_migrated_in_place_and_keeps_its_data() {
+    let Some((env, store)) = setup() else { return };
+    env.run(&["-c", "m"], &sh(r#"echo '{"session_id":"kept"}'"#)).assert().code(0);
+    // Back to schema version 1, as an older chan-run left it.
+    sql(
+        &store,
+        "ALTER TABLE chan_run_channel DROP COLUMN holder_space, DROP COLUMN holder_spawn_ticks, \
+         DROP COLUMN holder_spawned_ticks; UPDATE chan_run_meta SET version = 1",
+    );
+    env.run(&["-c", "m"], &sh(r#"echo "$CHAN_RUN_SESSION_ID""#)).assert().code(0).stdout("kept\n");
+    assert_eq!(sql(&store, "SELECT version FROM chan_run_meta"), "2");
+    assert_eq!(status(&env, "m")["runs"], 2);
+}

@@ -37,12 +37,16 @@
 //!    channel's record. The fence strictly grows from one holder to the next, across
 //!    channels, server restarts and rows removed by `gc`; the command gets it as
 //!    `CHAN_RUN_FENCE`. A row removed by `gc` meanwhile: unlock, start over at 2.
-//!    *Death before*: as 2. *After*: the lock is dropped; the holder columns stay until
-//!    the next holder overwrites them, and `status` trusts them only while the backend
-//!    they name holds the lock.
+//!    The same statement returns the previous holder's process group if that holder
+//!    died uncleanly: when it died on this host (same boot, same pid namespace), what is
+//!    left of its group is killed before this run starts (`orphans`, as the local store
+//!    does). *Death before*: as 2. *After*: the lock is dropped; the holder columns stay
+//!    until the next holder overwrites them, and `status` trusts them only while the
+//!    backend they name holds the lock.
 //! 5. While the command runs, a heartbeat thread owns the connection: its first beat,
 //!    sent as the command starts (off the path from grant to spawn), writes the holder's
-//!    command, start and command pid; then every [`BEAT`] it updates `heartbeat` where
+//!    command, start, command pid, fork ticks and process space (boot id, pid
+//!    namespace); then every [`BEAT`] it updates `heartbeat` where
 //!    `fence` is still this run's. A beat that fails
 //!    (the connection broke, the fence moved on, the backend changed) raises the
 //!    lock-lost alarm: the command gets SIGTERM, and SIGKILL at most
@@ -77,7 +81,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The schema versions, in order; `chan_run_meta.version` counts the ones applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE SEQUENCE chan_run_fence;
 CREATE TABLE chan_run_channel (
     id                 int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -105,7 +110,14 @@ CREATE TABLE chan_run_history (
     entry      jsonb NOT NULL,
     PRIMARY KEY (channel_id, run_no)
 );
-"#];
+"#,
+    r#"
+ALTER TABLE chan_run_channel
+    ADD COLUMN holder_space         text,
+    ADD COLUMN holder_spawn_ticks   bigint,
+    ADD COLUMN holder_spawned_ticks bigint;
+"#,
+];
 
 /// How often the holder proves it still holds the lock.
 pub const BEAT: Duration = Duration::from_secs(2);
@@ -416,13 +428,18 @@ impl PgStore {
     /// Step 4: proves this backend holds the lock, bumps the fence, records the holder
     /// and reads the record. `None`: the row was removed by `gc` meanwhile (unlocked).
     fn grant(&self, conn: &mut Conn, id: i32) -> anyhow::Result<Option<(i64, ChannelRecord)>> {
+        // `old`: the previous holder's process group, still there if it died uncleanly.
         let sql = format!(
-            "UPDATE chan_run_channel SET fence = nextval('chan_run_fence'), holder_host = $2, holder_pid = $3, \
+            "UPDATE chan_run_channel c SET fence = nextval('chan_run_fence'), holder_host = $2, holder_pid = $3, \
              holder_backend = pg_backend_pid(), holder_since = now(), heartbeat = now(), holder_command = NULL, \
-             holder_command_pid = NULL \
-             WHERE id = $1 AND EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 \
+             holder_command_pid = NULL, holder_space = NULL, holder_spawn_ticks = NULL, holder_spawned_ticks = NULL \
+             FROM (SELECT holder_space, holder_command_pid, holder_spawn_ticks, holder_spawned_ticks \
+             FROM chan_run_channel WHERE id = $1) AS old \
+             WHERE c.id = $1 AND EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 \
              AND l.pid = pg_backend_pid() AND l.granted) \
-             RETURNING fence, session_id, session_cwd, runs, failures_in_a_row, last_run::text, extra::text, pg_backend_pid()"
+             RETURNING c.fence, c.session_id, c.session_cwd, c.runs, c.failures_in_a_row, c.last_run::text, \
+             c.extra::text, pg_backend_pid(), old.holder_space, old.holder_command_pid, old.holder_spawn_ticks, \
+             old.holder_spawned_ticks"
         );
         let pid = std::process::id() as i32;
         let rows = conn
@@ -468,6 +485,19 @@ impl PgStore {
             last_run: json(5)?.map(serde_json::from_value).transpose().context("the stored last run")?,
             extra,
         };
+        // What is left of a holder that died on this very host (same boot, same pid
+        // namespace) is killed before this run starts, as the local store does.
+        if let (Some(space), Some(pgid), Some(spawn_ticks)) =
+            (row.get::<_, Option<String>>(8), row.get::<_, Option<i32>>(9), row.get::<_, Option<i64>>(10))
+            && Some(space) == process_space()
+        {
+            let left = crate::orphans::Leftover {
+                pgid: pgid as u32,
+                spawn_ticks: spawn_ticks as u64,
+                spawned_ticks: row.get::<_, Option<i64>>(11).map(|t| t as u64),
+            };
+            crate::orphans::kill(&left);
+        }
         Ok(Some((row.get(0), record)))
     }
 }
@@ -488,16 +518,24 @@ impl Conn {
         &mut self,
         id: i32,
         fence: i64,
-        command_pid: Option<i32>,
+        started: Option<(u32, u64)>,
         holder: Option<HolderColumns>,
     ) -> Result<(), String> {
+        let (space, spawn_ticks) = match &holder {
+            Some(h) => (process_space(), i64::try_from(h.spawn_ticks).ok()),
+            None => (None, None),
+        };
         let (since, command) = holder.map(|h| (h.since, h.command)).unzip();
+        let command_pid = started.and_then(|(pid, _)| i32::try_from(pid).ok());
+        let spawned_ticks = started.and_then(|(_, ticks)| i64::try_from(ticks).ok());
         // The fence says nobody was granted the channel since; `pg_locks` says this
         // session still holds it (nothing reset or unlocked it under us).
         let sql = format!(
             "UPDATE chan_run_channel SET heartbeat = now(), holder_command_pid = COALESCE($3, holder_command_pid), \
              holder_since = COALESCE($4::timestamptz, holder_since), \
-             holder_command = COALESCE($5::jsonb, holder_command) \
+             holder_command = COALESCE($5::jsonb, holder_command), holder_space = COALESCE($6, holder_space), \
+             holder_spawn_ticks = COALESCE($7, holder_spawn_ticks), \
+             holder_spawned_ticks = COALESCE($8, holder_spawned_ticks) \
              WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid(), EXISTS (SELECT 1 FROM pg_locks l \
              WHERE {LOCK_ROWS} AND l.objid::int8 = $1 AND l.pid = pg_backend_pid() AND l.granted)"
         );
@@ -511,6 +549,9 @@ impl Conn {
                     (&command_pid, Type::INT4),
                     (&since, Type::TEXT),
                     (&command, Type::TEXT),
+                    (&space, Type::TEXT),
+                    (&spawn_ticks, Type::INT8),
+                    (&spawned_ticks, Type::INT8),
                 ],
             )
             .map_err(|e| format!("the heartbeat failed: {}", pg_error(&e)))?;
@@ -683,13 +724,25 @@ impl Store for PgStore {
 }
 
 enum Beat {
-    CommandPid(u32),
+    /// The command's pid, and the clock ticks just after its fork.
+    CommandPid(u32, u64),
 }
 
 /// The holder's columns `announce` leaves to the first beat.
 struct HolderColumns {
     since: String,
     command: String,
+    /// Clock ticks just before the command's fork.
+    spawn_ticks: u64,
+}
+
+/// Where this process's pids mean something: the boot and the pid namespace. A
+/// previous holder recorded with the same space died on this host, and its process
+/// group can be looked for here.
+fn process_space() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{} {}", boot.trim(), ns.display()))
 }
 
 struct Heartbeat {
@@ -761,7 +814,8 @@ impl PgLease {
             "WITH updated AS (UPDATE chan_run_channel SET session_id = $3, session_cwd = $4, runs = $5, \
              failures_in_a_row = $6, last_run = $7::jsonb, last_finished = $8::timestamptz, extra = $9::jsonb, \
              holder_host = NULL, holder_pid = NULL, holder_backend = NULL, holder_since = NULL, \
-             holder_command = NULL, holder_command_pid = NULL, heartbeat = NULL \
+             holder_command = NULL, holder_command_pid = NULL, heartbeat = NULL, holder_space = NULL, \
+             holder_spawn_ticks = NULL, holder_spawned_ticks = NULL \
              WHERE id = $1 AND fence = $2 RETURNING runs), \
              added AS (INSERT INTO chan_run_history (channel_id, run_no, entry) \
              SELECT $1, runs, $10::jsonb FROM updated WHERE $10 IS NOT NULL \
@@ -811,7 +865,7 @@ impl Lease for PgLease {
         // while the command starts: no round trip between the grant and the spawn.
         if let (Some(conn), Some(alarm)) = (self.conn.take(), self.alarm.take()) {
             let (tx, rx) = mpsc::channel();
-            let holder = HolderColumns { since, command };
+            let holder = HolderColumns { since, command, spawn_ticks: holder.spawn_ticks };
             let thread = std::thread::spawn(move || heartbeat(conn, id, fence, holder, rx, alarm));
             self.heartbeat = Some(Heartbeat { tx, thread });
         }
@@ -822,9 +876,9 @@ impl Lease for PgLease {
         None
     }
 
-    fn command_started(&mut self, pid: u32, _ticks: u64) {
+    fn command_started(&mut self, pid: u32, ticks: u64) {
         if let Some(beat) = &self.heartbeat {
-            let _ = beat.tx.send(Beat::CommandPid(pid));
+            let _ = beat.tx.send(Beat::CommandPid(pid, ticks));
         }
     }
 
@@ -891,15 +945,15 @@ fn heartbeat(
     rx: mpsc::Receiver<Beat>,
     alarm: LockLostAlarm,
 ) -> (Conn, Option<String>) {
-    let mut command_pid = None;
+    let mut started = None;
     let mut holder = Some(holder);
     loop {
         match rx.recv_timeout(BEAT) {
-            Ok(Beat::CommandPid(pid)) => command_pid = i32::try_from(pid).ok(),
+            Ok(Beat::CommandPid(pid, ticks)) => started = Some((pid, ticks)),
             Err(RecvTimeoutError::Disconnected) => return (conn, None),
             Err(RecvTimeoutError::Timeout) => {}
         }
-        if let Err(why) = conn.beat(id, fence, command_pid, holder.take()) {
+        if let Err(why) = conn.beat(id, fence, started, holder.take()) {
             alarm.raise();
             return (conn, Some(why));
         }
