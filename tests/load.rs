@@ -132,8 +132,7 @@ fn arrivals_are_served_in_order(opts: &[&str]) {
     for run in waiters {
         run.finish(PATIENCE).assert_code(0);
     }
-    let order: Vec<usize> = env.read("order").lines().map(|l| l.parse().unwrap()).collect();
-    assert_eq!(order, (0..16).collect::<Vec<_>>(), "the waiters ran out of arrival order");
+    assert_eq!(env.order(), (0..16).collect::<Vec<_>>(), "the waiters ran out of arrival order");
     assert_eq!(runs_in(state_json(&env).as_ref(), "fifo"), 17);
     assert_eq!(env.tickets("fifo"), 0);
 }

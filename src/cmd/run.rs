@@ -43,10 +43,6 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
     let me = std::process::id();
     let holder = Holder { pid: me, started_at, command: &command, spawn_ticks: crate::procfs::now_ticks() };
     if let Err(e) = lease.announce(&holder) {
-        if let Some(lost) = e.downcast_ref::<crate::store::LockLost>() {
-            say!("chan-run: channel {channel}: {lost}; the command was not started");
-            return Ok(exit_code::LOCK_LOST);
-        }
         crate::warn(format!("cannot record the holder ({e:#}); running anyway"));
     }
     let take_terminal = supervise::should_take_terminal();

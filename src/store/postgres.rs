@@ -150,9 +150,23 @@ const SESSION_SETTINGS: &str = "SELECT pg_backend_pid(), set_config('statement_t
 /// The lock namespace: the channel table's oid, as the int4 with its bits (so
 /// `pg_locks.classid` shows the oid itself).
 const NS: &str = "(('chan_run_channel'::regclass::oid::int8 + 2147483648) % 4294967296 - 2147483648)::int4";
-/// A channel's advisory lock in `pg_locks`, `$1` being its row id.
+/// The channels' advisory locks in `pg_locks` (as `l`), in this database.
 const LOCK_ROWS: &str = "l.locktype = 'advisory' AND l.classid = 'chan_run_channel'::regclass AND l.objsubid = 2 \
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
+/// SQL: whether this session's backend holds the lock of the channel whose row id is
+/// the SQL expression `id`: the proof the try, the grant and every beat rest on.
+fn held_here(id: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = {id} \
+         AND l.pid = pg_backend_pid() AND l.granted)"
+    )
+}
+
+/// SQL: how many callers wait for the lock of the channel whose row id is `id`.
+fn waiting_for(id: &str) -> String {
+    format!("(SELECT count(*) FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = {id} AND NOT l.granted)")
+}
 const UTC_MS: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
 
 pub struct PgStore {
@@ -299,8 +313,8 @@ impl PgStore {
              AND pg_backend_pid() = $3 AND NOT h.held THEN pg_try_advisory_lock({NS}, c.id) END, \
              pg_backend_pid(), h.held \
              FROM chan_run_meta m LEFT JOIN chan_run_channel c ON c.channel = $1 \
-             CROSS JOIN LATERAL (SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_ROWS} \
-             AND l.objid::int8 = c.id AND l.pid = pg_backend_pid() AND l.granted) AS held) h"
+             CROSS JOIN LATERAL (SELECT {} AS held) h",
+            held_here("c.id")
         );
         let known = MIGRATIONS.len() as i32;
         let mut migrated = false;
@@ -358,8 +372,8 @@ impl PgStore {
     fn wait_note(&self, conn: &mut Conn, id: i32) -> WaitNote {
         let sql = format!(
             "SELECT holder_host, holder_pid, EXTRACT(EPOCH FROM now() - holder_since)::float8, \
-             (SELECT count(*) FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 AND NOT l.granted) \
-             FROM chan_run_channel WHERE id = $1"
+             {} FROM chan_run_channel WHERE id = $1",
+            waiting_for("$1")
         );
         let Ok(Some(row)) = conn.client.query_typed(&sql, &[(&id, Type::INT4)]).map(|r| r.into_iter().next())
         else {
@@ -435,11 +449,11 @@ impl PgStore {
              holder_command_pid = NULL, holder_space = NULL, holder_spawn_ticks = NULL, holder_spawned_ticks = NULL \
              FROM (SELECT holder_space, holder_command_pid, holder_spawn_ticks, holder_spawned_ticks \
              FROM chan_run_channel WHERE id = $1) AS old \
-             WHERE c.id = $1 AND EXISTS (SELECT 1 FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 \
-             AND l.pid = pg_backend_pid() AND l.granted) \
+             WHERE c.id = $1 AND {} \
              RETURNING c.fence, c.session_id, c.session_cwd, c.runs, c.failures_in_a_row, c.last_run::text, \
              c.extra::text, pg_backend_pid(), old.holder_space, old.holder_command_pid, old.holder_spawn_ticks, \
-             old.holder_spawned_ticks"
+             old.holder_spawned_ticks",
+            held_here("$1")
         );
         let pid = std::process::id() as i32;
         let rows = conn
@@ -536,8 +550,8 @@ impl Conn {
              holder_command = COALESCE($5::jsonb, holder_command), holder_space = COALESCE($6, holder_space), \
              holder_spawn_ticks = COALESCE($7, holder_spawn_ticks), \
              holder_spawned_ticks = COALESCE($8, holder_spawned_ticks) \
-             WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid(), EXISTS (SELECT 1 FROM pg_locks l \
-             WHERE {LOCK_ROWS} AND l.objid::int8 = $1 AND l.pid = pg_backend_pid() AND l.granted)"
+             WHERE id = $1 AND fence = $2 RETURNING pg_backend_pid(), {}",
+            held_here("$1")
         );
         let rows = self
             .client
@@ -685,9 +699,7 @@ impl Store for PgStore {
         };
         let try_lock = format!("SELECT pg_try_advisory_lock({NS}, $1)");
         let unlock = format!("SELECT pg_advisory_unlock({NS}, $1)");
-        let waiters = format!(
-            "SELECT count(*) FROM pg_locks l WHERE {LOCK_ROWS} AND l.objid::int8 = $1 AND NOT l.granted"
-        );
+        let waiters = format!("SELECT {}", waiting_for("$1"));
         let mut items = Vec::new();
         for row in rows {
             let id: i32 = row.get(0);
@@ -859,7 +871,6 @@ impl Lease for PgLease {
         let command = serde_json::to_string(&super::local::lock::capped(holder.command))?;
         let since = humantime::format_rfc3339_millis(holder.started_at).to_string();
         let (id, fence) = (self.id, self.fence);
-        self.conn()?;
         // From here until the run is recorded, the heartbeat thread has the connection.
         // Its first beat writes the holder's command and start with the command's pid,
         // while the command starts: no round trip between the grant and the spawn.
