@@ -1,40 +1,78 @@
-//! The exit codes of SPEC.md as one type: a command's own status passes through,
-//! chan-run's own endings have fixed codes, and a signal N becomes 128+N.
+//! SPEC's exit status as one type: a command's own status passes through, chan-run's own
+//! endings have fixed codes, and a signal N becomes 128+N.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-/// Stopped at `--timeout` (as `timeout(1)`), even when SIGKILL was needed.
-pub const TIMED_OUT: u8 = 124;
-/// chan-run itself failed: usage, bad channel name, unusable state directory.
-pub const CHAN_RUN_FAILED: u8 = 125;
-/// The command exists but could not be executed.
-pub const CANNOT_EXECUTE: u8 = 126;
-/// The command was not found.
-pub const NOT_FOUND: u8 = 127;
-/// The store lost the channel's lock while the command ran (PostgreSQL store: the
-/// connection or heartbeat failed, or another holder's fence superseded this one):
-/// the command was stopped, or its result was not recorded.
-pub const LOCK_LOST: u8 = 122;
 /// The default busy code (`EX_TEMPFAIL`), changed with `-E`.
 pub const BUSY_DEFAULT: u8 = 75;
 
-/// The shell's encoding of a finished process: its code, or 128 + the signal.
-pub fn from_status(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code as u8,
-        (None, Some(sig)) => from_signal(sig),
-        (None, None) => CHAN_RUN_FAILED,
+/// How chan-run ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitCode {
+    /// The command ran and exited with this code (0 included).
+    Command(u8),
+    /// Stopped at `--timeout` (as `timeout(1)`), even when SIGKILL was needed.
+    TimedOut,
+    /// The channel stayed busy (`--no-wait`, `--wait` elapsed): the `-E` code.
+    Busy(u8),
+    /// chan-run itself failed: usage, bad channel name, unusable state directory, its
+    /// own resources.
+    Failed,
+    /// The command exists but could not be executed.
+    CannotExecute,
+    /// The command was not found.
+    NotFound,
+    /// The command died of signal N, or chan-run was interrupted by it.
+    Signal(i32),
+    /// The store lost the channel's lock while the command ran (PostgreSQL store): the
+    /// command was stopped, or its result was not recorded.
+    LockLost,
+}
+
+impl ExitCode {
+    pub const OK: ExitCode = ExitCode::Command(0);
+
+    /// The shell's encoding of a finished process: its code, or 128 + the signal.
+    pub fn from_status(status: ExitStatus) -> ExitCode {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitCode::Command(code as u8),
+            (None, Some(sig)) => ExitCode::Signal(sig),
+            (None, None) => ExitCode::Failed,
+        }
+    }
+
+    /// A spawn error as a shell reports it: 127 when not found, 126 otherwise.
+    pub fn from_spawn_error(err: &std::io::Error) -> ExitCode {
+        match err.kind() {
+            std::io::ErrorKind::NotFound => ExitCode::NotFound,
+            _ => ExitCode::CannotExecute,
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            ExitCode::Command(code) | ExitCode::Busy(code) => code,
+            ExitCode::TimedOut => 124,
+            ExitCode::Failed => 125,
+            ExitCode::CannotExecute => 126,
+            ExitCode::NotFound => 127,
+            ExitCode::Signal(sig) => (128 + sig).clamp(0, 255) as u8,
+            ExitCode::LockLost => 122,
+        }
     }
 }
 
-pub fn from_signal(sig: i32) -> u8 {
-    (128 + sig).clamp(0, 255) as u8
+impl std::fmt::Display for ExitCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.code())
+    }
 }
 
-/// A spawn error as a shell reports it: 127 when not found, 126 otherwise.
-pub fn from_spawn_error(err: &std::io::Error) -> u8 {
-    if err.kind() == std::io::ErrorKind::NotFound { NOT_FOUND } else { CANNOT_EXECUTE }
+impl From<ExitCode> for std::process::ExitCode {
+    fn from(code: ExitCode) -> std::process::ExitCode {
+        std::process::ExitCode::from(code.code())
+    }
 }
 
 #[cfg(test)]
@@ -43,12 +81,16 @@ mod tests {
 
     #[test]
     fn signal_and_code_encoding() {
-        assert_eq!(from_status(ExitStatus::from_raw(3 << 8)), 3);
-        assert_eq!(from_status(ExitStatus::from_raw(9)), 137);
-        assert_eq!(from_signal(15), 143);
+        assert_eq!(ExitCode::from_status(ExitStatus::from_raw(3 << 8)).code(), 3);
+        assert_eq!(ExitCode::from_status(ExitStatus::from_raw(9)).code(), 137);
+        assert_eq!(ExitCode::Signal(15).code(), 143);
         let not_found = std::io::Error::from(std::io::ErrorKind::NotFound);
-        assert_eq!(from_spawn_error(&not_found), 127);
+        assert_eq!(ExitCode::from_spawn_error(&not_found).code(), 127);
         let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
-        assert_eq!(from_spawn_error(&denied), 126);
+        assert_eq!(ExitCode::from_spawn_error(&denied).code(), 126);
+        assert_eq!(
+            (ExitCode::TimedOut.code(), ExitCode::Failed.code(), ExitCode::LockLost.code()),
+            (124, 125, 122)
+        );
     }
 }

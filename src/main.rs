@@ -1,15 +1,6 @@
 //! chan-run: run one command per channel at a time. `main` parses, dispatches, and
 //! turns the outcome into an exit code, printing an error once.
 
-/// Writes a line to stderr and ignores failure: a full disk or closed pipe on stderr
-/// must never turn into a panic (exit 101) that hides the command's status.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
-
 mod channel;
 mod cli;
 mod cmd;
@@ -25,25 +16,26 @@ mod state;
 mod store;
 mod supervise;
 mod sys;
+mod ui;
 
 use clap::Parser;
-use std::process::ExitCode;
+use exit_code::ExitCode;
 
-fn main() -> ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e),
+        Err(e) => return usage_error(e).into(),
     };
     match run(cli) {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code.into(),
         Err(e) => {
-            say!("chan-run: {e:#}");
-            ExitCode::from(exit_code::CHAN_RUN_FAILED)
+            ui::say(format_args!("{e:#}"));
+            ExitCode::Failed.into()
         }
     }
 }
 
-fn run(cli: cli::Cli) -> anyhow::Result<u8> {
+fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     use cli::Command;
     let dir = store::Location { store: cli.store.as_deref(), state_dir: cli.state_dir.as_deref() };
     match cli.command {
@@ -58,12 +50,14 @@ fn run(cli: cli::Cli) -> anyhow::Result<u8> {
                 "chan-run",
                 &mut script,
             );
-            cmd::status::write_out(&String::from_utf8_lossy(&script)).map(|()| 0)
+            ui::write_out(&String::from_utf8_lossy(&script))?;
+            Ok(ExitCode::OK)
         }
         Command::Man => {
             let mut page = Vec::new();
             clap_mangen::Man::new(<cli::Cli as clap::CommandFactory>::command()).render(&mut page)?;
-            cmd::status::write_out(&String::from_utf8_lossy(&page)).map(|()| 0)
+            ui::write_out(&String::from_utf8_lossy(&page))?;
+            Ok(ExitCode::OK)
         }
         Command::Run(args) => {
             let control = control::Control::install()?;
@@ -85,7 +79,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
-        return ExitCode::SUCCESS;
+        return ExitCode::OK;
     }
     // clap's message up to its usage block, folded onto one line.
     let text = e.render().to_string();
@@ -93,11 +87,6 @@ fn usage_error(e: clap::Error) -> ExitCode {
         text.lines().map(str::trim).take_while(|l| !l.is_empty() && !l.starts_with("Usage:")).collect();
     let message = message.join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
-    say!("chan-run: {message}; see 'chan-run --help'");
-    ExitCode::from(exit_code::CHAN_RUN_FAILED)
-}
-
-/// A note about chan-run's own bookkeeping; printed even with `--quiet`, as it is news.
-pub fn warn(message: impl std::fmt::Display) {
-    say!("chan-run: warning: {message}");
+    ui::say(format_args!("{message}; see 'chan-run --help'"));
+    ExitCode::Failed
 }

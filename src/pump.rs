@@ -154,7 +154,7 @@ impl Pump {
         });
         if let Err(e) = &handle {
             // Its pipes are closed with it: the command gets EPIPE rather than hang.
-            crate::warn(format!("cannot start the output thread ({e}); the command's output is lost"));
+            crate::ui::warn(format!("cannot start the output thread ({e}); the command's output is lost"));
             done.store(true, Ordering::SeqCst);
         }
         Pump { handle: handle.ok(), done, tail }

@@ -23,9 +23,6 @@ use std::time::{Duration, Instant};
 const REAP_AFTER_KILL: Duration = Duration::from_millis(400);
 /// The tail of stdout kept for the session id.
 pub const TAIL_CAP: usize = 4 * 1024 * 1024;
-/// The longest grace between SIGTERM and SIGKILL once the store lost the lock: the
-/// store's protocol counts on the command being gone within it (see store::postgres).
-pub const LOCK_LOST_GRACE: Duration = Duration::from_secs(3);
 
 pub struct Plan<'a> {
     pub command: &'a [OsString],
@@ -33,8 +30,12 @@ pub struct Plan<'a> {
     /// `None`: no limit (`--timeout 0`).
     pub timeout: Option<Duration>,
     pub kill_after: Duration,
-    pub take_terminal: bool,
-    pub setup: crate::sys::ChildSetup,
+    /// Where the command's process writes its own pid (= its process group) before
+    /// `exec`: (fd, offset, width), from the store's lease.
+    pub pid_note: Option<(std::os::fd::RawFd, u64, usize)>,
+    /// When the store can lose the lock while the command runs: the longest the command
+    /// may outlive that news (its grace is then the shorter of this and `kill_after`).
+    pub lost_grace: Option<Duration>,
     pub tail_cap: usize,
 }
 
@@ -50,11 +51,12 @@ pub enum Stop {
 pub enum Ending {
     /// It ran and ended; `stop` says whether chan-run stopped it. `status` is `None` only
     /// if it could not be reaped in time after SIGKILL.
-    Ran {
-        status: Option<ExitStatus>,
-        stop: Option<Stop>,
-    },
+    Ran { status: Option<ExitStatus>, stop: Option<Stop> },
+    /// The command could not be executed (126) or found (127).
     SpawnFailed(io::Error),
+    /// chan-run itself could not start it (out of file descriptors, processes or
+    /// memory): nothing ran, and it is not the command's failure.
+    Unstarted(io::Error),
 }
 
 pub struct Finished {
@@ -65,6 +67,8 @@ pub struct Finished {
 
 pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Finished {
     let started = Instant::now();
+    // Decided once: the child takes the terminal, and chan-run takes it back.
+    let take_terminal = should_take_terminal();
     let mut command = Command::new(&plan.command[0]);
     command.args(&plan.command[1..]);
     for (key, value) in &plan.env {
@@ -75,16 +79,24 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     }
     command.stdin(Stdio::inherit()).stdout(Stdio::piped()).stderr(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    crate::sys::set_child_setup(&mut command, plan.setup);
+    crate::sys::set_child_setup(
+        &mut command,
+        crate::sys::ChildSetup {
+            parent: rustix::process::getpid(),
+            pid_slot: plan.pid_note,
+            take_terminal,
+            default_sigxfsz: control.sigxfsz_changed,
+        },
+    );
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             // The child may have taken the terminal before its exec failed.
-            if plan.take_terminal {
+            if take_terminal {
                 take_terminal_back();
             }
             return Finished {
-                ending: Ending::SpawnFailed(e),
+                ending: if is_own_failure(&e) { Ending::Unstarted(e) } else { Ending::SpawnFailed(e) },
                 duration: started.elapsed(),
                 stdout: Tail::new(0),
             };
@@ -103,7 +115,7 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     let mut output = Output::new(streams.into_iter().flatten().collect(), Arc::clone(&exited), notice_rx);
 
     let (status, mut stop) = supervise(&mut child, &plan, control, started, &mut output);
-    if plan.take_terminal {
+    if take_terminal {
         take_terminal_back();
     }
     // Tells the pump the command is gone: it passes on what the pipes hold and stops
@@ -123,9 +135,14 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     Finished { ending: Ending::Ran { status, stop }, duration: started.elapsed(), stdout }
 }
 
+/// Whether a spawn error is chan-run's own lack of resources rather than the command's.
+fn is_own_failure(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM))
+}
+
 fn unreachable_pipe() -> ! {
-    say!("chan-run: cannot create a pipe (out of file descriptors?)");
-    std::process::exit(i32::from(crate::exit_code::CHAN_RUN_FAILED))
+    crate::ui::say("cannot create a pipe (out of file descriptors?)");
+    std::process::exit(i32::from(crate::exit_code::ExitCode::Failed.code()))
 }
 
 fn supervise(
@@ -160,7 +177,7 @@ fn supervise(
         if control.lock_lost() && stop != Some(Stop::LockLost) {
             signal_group(pid, libc::SIGTERM);
             stop = Some(Stop::LockLost);
-            let grace = plan.kill_after.min(LOCK_LOST_GRACE);
+            let grace = plan.lost_grace.map_or(plan.kill_after, |g| g.min(plan.kill_after));
             kill_at = [kill_at, now.checked_add(grace)].into_iter().flatten().min();
         }
         if term_at.is_some_and(|t| now >= t) {
@@ -203,7 +220,7 @@ fn signal_group(pid: Pid, sig: i32) {
 
 /// Whether the command should get the terminal: stdin is one and chan-run's group is
 /// its foreground group (a backgrounded chan-run must not steal it from the shell).
-pub fn should_take_terminal() -> bool {
+fn should_take_terminal() -> bool {
     let stdin = rustix::stdio::stdin();
     rustix::termios::isatty(stdin)
         && rustix::termios::tcgetpgrp(stdin).is_ok_and(|fg| fg == rustix::process::getpgrp())

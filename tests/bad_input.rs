@@ -1,9 +1,7 @@
 //! Bad input (SPEC "State directory", "Durations"): arbitrary channel names, damaged
 //! `active.json` files, planted symbolic links, and malformed flag values.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use predicates::prelude::*;
 use predicates::str::contains;
 use proptest::prelude::*;
@@ -281,7 +279,7 @@ fn state_file_truncated_after_the_runs_own_record_is_quarantined() {
 #[test]
 fn wrong_shapes_garbage_and_non_utf8_are_quarantined_byte_exact() {
     let mut garbage = vec![0u8; 4096];
-    let mut rng = common::Rng::new(7);
+    let mut rng = crate::common::Rng::new(7);
     garbage.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
     let variants: Vec<(&str, Vec<u8>)> = vec![
         ("an array", b"[]".to_vec()),
@@ -407,7 +405,7 @@ fn valid_json_with_a_disturbed_layout_is_not_damage() {
 fn huge_damaged_state_files_are_quarantined_byte_exact() {
     // 50 MB of random bytes, and 50 MB of a JSON document that never ends.
     const SIZE: usize = 50 * 1024 * 1024;
-    let mut rng = common::Rng::new(11);
+    let mut rng = crate::common::Rng::new(11);
     let mut garbage = vec![0u8; SIZE];
     for chunk in garbage.chunks_mut(8) {
         chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);

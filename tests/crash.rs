@@ -19,9 +19,7 @@
 //! The moments come from a seeded RNG; the seed is printed, and `CHAN_RUN_SEED=N`
 //! replays a sequence. 30 kills by default, 200 with `CHAN_RUN_HEAVY=1`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use rustix::process::Signal;
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;

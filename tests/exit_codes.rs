@@ -1,9 +1,7 @@
 //! Every row of SPEC's exit-status table: the command's own code, 124, the busy code
 //! (75 or `-E N`), 125, 126, 127 and 128+N.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use predicates::prelude::*;
 use predicates::str::contains;
 

@@ -9,9 +9,7 @@
 //!
 //! The 1 GiB pass-through runs with `CHAN_RUN_HEAVY=1`; 256 MiB otherwise.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::Read;
 use std::time::Duration;
 

@@ -2,9 +2,7 @@
 //! bounded in memory, closing the caller's pipes when chan-run ends, and a closed
 //! stdout reaching the command as it would without chan-run.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::Read;
 
 /// `len` bytes cycling through every byte value, in an order that is not a plain ramp.

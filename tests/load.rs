@@ -4,9 +4,7 @@
 //!
 //! 32 channels × 20 runs with `CHAN_RUN_HEAVY=1`, 8 × 10 otherwise.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

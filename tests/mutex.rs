@@ -1,9 +1,7 @@
 //! Mutual exclusion per channel, parallelism across channels, release of the lock on
 //! every ending, and first-come-first-served waiting (SPEC `run` items 1-3).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 /// A command that fails if another run of its channel is inside at the same time: it

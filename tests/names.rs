@@ -2,9 +2,7 @@
 //! channel inside `locks/`, no symlink following, ownership and modes, the lock never
 //! inherited by the command, and no self-deadlock for nested runs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use predicates::prelude::*;
 use predicates::str::contains;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -309,9 +307,28 @@ fn held_marker_of_a_process_that_is_not_an_ancestor_is_ignored() {
     // CHAN_RUN_HELD copied into an unrelated process (e.g. a daemon started from a
     // command) must not make that channel unusable there.
     let env = TestEnv::new();
+    let marker = env.run(&["-c", "x"], &["sh", "-c", "echo \"$CHAN_RUN_HELD\""]).assert().success();
+    let line = String::from_utf8_lossy(&marker.get_output().stdout).trim().to_owned();
+    let (_, store_and_channel) = line.split_once(' ').expect("<pid> <store> <channel>");
     let mut stranger = std::process::Command::new("sleep").arg("30").spawn().unwrap();
     let mut cmd = env.run(&["-c", "x"], &["true"]);
-    cmd.env("CHAN_RUN_HELD", format!("{} x", stranger.id())).assert().success();
+    cmd.env("CHAN_RUN_HELD", format!("{} {store_and_channel}", stranger.id())).assert().success();
     let _ = stranger.kill();
     let _ = stranger.wait();
+}
+
+#[test]
+fn nested_run_of_the_same_channel_in_another_state_directory_works() {
+    // The same name in another store is another lock: no self-deadlock to refuse.
+    let env = TestEnv::new();
+    let other = env.root().join("other-state");
+    let script = format!(
+        r#""$B" --state-dir '{}' run -c x -- sh -c 'echo "inner=$CHAN_RUN_CHANNEL"'; echo "nested=$?"
+        "$B" --state-dir "$CHAN_RUN_STATE_DIR" run -c x -- true; echo "same=$?""#,
+        other.display()
+    );
+    env.run(&["-c", "x", "-t", "10"], &sh(&script))
+        .assert()
+        .success()
+        .stdout("inner=x\nnested=0\nsame=125\n");
 }

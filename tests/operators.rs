@@ -1,8 +1,6 @@
 //! What operators use beyond `run`: `history`, `gc`, completions and the man page.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn history_json(env: &TestEnv, channel: &str, n: usize) -> Vec<serde_json::Value> {
     let out = env.command().args(["history", channel, "-n", &n.to_string(), "--json"]).assert().success();

@@ -2,9 +2,7 @@
 //! they registered in the channel's queue, whatever the others do, and a waiter that
 //! dies or gives up never holds up those behind it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use rustix::process::Signal;
 
 #[test]

@@ -2,9 +2,7 @@
 //! reachable shared server, isolated empty schemas, and a private server that stops and
 //! comes back on its port.
 
-mod common;
-
-use common::pg::{self, PrivateServer};
+use crate::common::pg::{self, PrivateServer};
 
 #[test]
 fn fresh_stores_are_distinct_empty_schemas_on_the_shared_server() {

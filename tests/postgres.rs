@@ -4,9 +4,7 @@
 //! adds: fences, the heartbeat, a holder cut off from the server, a stale holder.
 //! Each test gets its own schema, i.e. its own installation.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use rustix::process::Signal;
 use std::time::Instant;
 

@@ -6,9 +6,7 @@
 //! side gets an error or a reset, each learns only from its own timeouts. Needs root and
 //! `ip netns` (iproute2); skipped, loudly, elsewhere.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -4,9 +4,7 @@
 //! a pool in session mode is a plain connection and works. PgBouncer ignores the
 //! `options` startup parameter, so these stores use the server's `public` schema.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::process::Command;
 
 /// A private server and the URL of a PgBouncer in front of it, or `None` (skipped loudly).

@@ -2,10 +2,9 @@
 //! `CHAN_RUN_SESSION_ID`, and the id the command prints is stored, found in whole JSON
 //! documents or the last line of JSON Lines, whatever the exit status.
 
-mod common;
-use common::state as state_helpers;
+use crate::common::state as state_helpers;
 
-use common::{PATIENCE, TestEnv, sh};
+use crate::common::{PATIENCE, TestEnv, sh};
 use serde_json::Value;
 use state_helpers::*;
 

@@ -2,9 +2,7 @@
 //! SIGKILL (the channel is freed and nothing of the run survives the next holder's
 //! start), and bounded endings when descendants ignore signals or hold stdout open.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use rustix::process::Signal;
 use std::os::unix::process::ExitStatusExt;
 

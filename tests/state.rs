@@ -2,10 +2,9 @@
 //! every ending, damaged / newer / unreadable files, a full disk while recording, and
 //! the modes of the state directory's files (SPEC item 8, "State directory").
 
-mod common;
-use common::state as state_helpers;
+use crate::common::state as state_helpers;
 
-use common::{PATIENCE, Running, TestEnv, secs, sh};
+use crate::common::{PATIENCE, Running, TestEnv, secs, sh};
 use rustix::process::Signal;
 use serde_json::Value;
 use state_helpers::*;
@@ -548,7 +547,7 @@ fn state_files_are_private_whatever_the_umask() {
     assert_eq!(mode(&state.join("queue")), 0o700, "queue/");
     assert_eq!(mode(&state.join("queue/m")), 0o700, "queue/m/");
     assert_eq!(mode(&env.lock_file("m")), 0o600, "the lock file");
-    for ticket in common::list(&state.join("queue/m")) {
+    for ticket in crate::common::list(&state.join("queue/m")) {
         assert_eq!(mode(&state.join("queue/m").join(&ticket)), 0o600, "queue ticket {ticket}");
     }
     env.open_gate("go");

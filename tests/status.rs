@@ -2,10 +2,9 @@
 //! record; never blocks, never disturbs a run, creates nothing) and `chan-run reset`
 //! (forgets the session, queues like a run, is not a run).
 
-mod common;
-use common::state as state_helpers;
+use crate::common::state as state_helpers;
 
-use common::{PATIENCE, Running, TestEnv, is_alive, secs, sh};
+use crate::common::{PATIENCE, Running, TestEnv, is_alive, secs, sh};
 use serde_json::Value;
 use state_helpers::*;
 use std::sync::Arc;
@@ -153,7 +152,7 @@ fn status_in_a_loop_never_makes_a_no_wait_run_fail() {
 #[test]
 fn status_without_a_state_directory_lists_nothing_and_creates_nothing() {
     let env = TestEnv::new();
-    let before = common::list(env.root());
+    let before = crate::common::list(env.root());
     let out = env.command().arg("status").output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("idle"));
@@ -161,12 +160,12 @@ fn status_without_a_state_directory_lists_nothing_and_creates_nothing() {
     assert_eq!(json["channels"], Value::Array(vec![]), "{json:#}");
     status_json(&env, &["some-channel"]);
     assert!(!env.state().exists(), "status created the state directory");
-    assert_eq!(common::list(env.root()), before);
+    assert_eq!(crate::common::list(env.root()), before);
 
     // With a state directory, naming an unknown channel creates no file for it either.
     env.run(&["-c", "known"], &sh("true")).assert().success();
     let files = |env: &TestEnv| {
-        (common::list(env.state()), env.lock_files(), common::list(&env.state().join("queue")))
+        (crate::common::list(env.state()), env.lock_files(), crate::common::list(&env.state().join("queue")))
     };
     let before = files(&env);
     let unknown = status_of(&env, "unknown");

@@ -2,9 +2,7 @@
 //! `script(1)`: the command is handed the terminal (it can read it and change its
 //! modes) and the terminal is taken back afterwards; the waiting line shows only there.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use predicates::prelude::*;
 use std::io::Write;
 

@@ -9,9 +9,7 @@
 //! no new space, so it may succeed on a full disk: there the check is "recorded
 //! correctly, or the file intact and a warning".
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// Runs `chan-run run -c CHANNEL -- sh -c SCRIPT` under `ulimit -f BLOCKS`.
 fn limited(env: &TestEnv, blocks: u64, channel: &str, script: &str) -> Outcome {

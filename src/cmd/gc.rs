@@ -1,9 +1,10 @@
 //! `chan-run gc --idle-for DUR [--dry-run]`: removes what idle channels left behind.
 
 use crate::cli::GcArgs;
+use crate::exit_code::ExitCode;
 use crate::store::Store;
 
-pub fn gc(store: &dyn Store, args: GcArgs) -> anyhow::Result<u8> {
+pub fn gc(store: &dyn Store, args: GcArgs) -> anyhow::Result<ExitCode> {
     let items = store.gc(args.idle_for, args.dry_run)?;
     let mut out = String::new();
     let verb = if args.dry_run { "would remove" } else { "removed" };
@@ -17,6 +18,6 @@ pub fn gc(store: &dyn Store, args: GcArgs) -> anyhow::Result<u8> {
     if items.is_empty() {
         out.push_str("no channel idle that long\n");
     }
-    super::status::write_out(&out)?;
-    Ok(0)
+    crate::ui::write_out(&out)?;
+    Ok(ExitCode::OK)
 }

@@ -2,9 +2,10 @@
 
 use crate::channel::Channel;
 use crate::cli::HistoryArgs;
+use crate::exit_code::ExitCode;
 use crate::store::Store;
 
-pub fn history(store: Option<&dyn Store>, args: HistoryArgs) -> anyhow::Result<u8> {
+pub fn history(store: Option<&dyn Store>, args: HistoryArgs) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
     let entries = match store {
         Some(store) => store.history(&channel, args.count)?,
@@ -40,21 +41,10 @@ pub fn history(store: Option<&dyn Store>, args: HistoryArgs) -> anyhow::Result<u
                 ]
             })
             .collect();
-        let headers = ["STARTED", "TOOK", "ENDED", "PID", "SESSION"];
-        let mut widths = headers.map(str::len);
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        for row in std::iter::once(headers.map(str::to_owned)).chain(rows) {
-            let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-            out.push_str(cells.join("  ").trim_end());
-            out.push('\n');
-        }
+        out = crate::ui::table(["STARTED", "TOOK", "ENDED", "PID", "SESSION"], None, &rows);
     }
-    super::status::write_out(&out)?;
-    Ok(0)
+    crate::ui::write_out(&out)?;
+    Ok(ExitCode::OK)
 }
 
 fn short_id(id: &Option<String>) -> String {

@@ -3,7 +3,9 @@
 //! the waiting line on a terminal.
 
 pub mod gc;
+mod held;
 pub mod history;
+mod outcome;
 pub mod reset;
 pub mod run;
 pub mod status;
@@ -11,7 +13,7 @@ pub mod status;
 use crate::channel::Channel;
 use crate::cli::WaitArgs;
 use crate::control::Control;
-use crate::exit_code;
+use crate::exit_code::ExitCode;
 use crate::store::{AcquireError, Lease, Store, Wait, WaitNote};
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -24,7 +26,7 @@ pub fn acquire(
     args: &WaitArgs,
     quiet: bool,
     control: &Control,
-) -> anyhow::Result<Result<Box<dyn Lease>, u8>> {
+) -> anyhow::Result<Result<Box<dyn Lease>, ExitCode>> {
     let wait = match (args.no_wait, args.wait) {
         (true, _) => Wait::No,
         (false, Some(d)) => Instant::now().checked_add(d).map_or(Wait::Forever, Wait::Until),
@@ -32,13 +34,13 @@ pub fn acquire(
     };
     let mut on_wait = |note: &WaitNote| {
         if !quiet && std::io::stderr().is_terminal() {
-            say!("chan-run: {}", waiting_line(channel, note));
+            crate::ui::say(waiting_line(channel, note));
         }
     };
     match store.acquire(channel, wait, control, &mut on_wait) {
         Ok(lease) => Ok(Ok(lease)),
-        Err(AcquireError::Busy) => Ok(Err(args.conflict_exit_code)),
-        Err(AcquireError::Interrupted(sig)) => Ok(Err(exit_code::from_signal(sig))),
+        Err(AcquireError::Busy) => Ok(Err(ExitCode::Busy(args.conflict_exit_code))),
+        Err(AcquireError::Interrupted(sig)) => Ok(Err(ExitCode::Signal(sig))),
         Err(AcquireError::Failed(e)) => Err(e),
     }
 }

@@ -4,13 +4,14 @@
 use crate::channel::Channel;
 use crate::cli::ResetArgs;
 use crate::control::Control;
+use crate::exit_code::ExitCode;
 use crate::store::{Holder, Store};
 use std::ffi::OsString;
 use std::time::SystemTime;
 
-pub fn reset(store: &dyn Store, args: ResetArgs, control: &Control) -> anyhow::Result<u8> {
+pub fn reset(store: &dyn Store, args: ResetArgs, control: &Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
-    crate::cmd::run::refuse_self_deadlock(&channel)?;
+    super::held::refuse_self_deadlock(&store.id(), &channel)?;
     let mut lease = match super::acquire(store, &channel, &args.wait, false, control)? {
         Ok(lease) => lease,
         Err(code) => return Ok(code),
@@ -30,10 +31,10 @@ pub fn reset(store: &dyn Store, args: ResetArgs, control: &Control) -> anyhow::R
     })?;
     lease.release()?;
     match forgotten {
-        Some(id) => {
-            say!("chan-run: channel {channel}: forgot session {id}; its next run starts a new conversation")
-        }
-        None => say!("chan-run: channel {channel} had no stored session"),
+        Some(id) => crate::ui::say(format_args!(
+            "channel {channel}: forgot session {id}; its next run starts a new conversation"
+        )),
+        None => crate::ui::say(format_args!("channel {channel} had no stored session")),
     }
-    Ok(0)
+    Ok(ExitCode::OK)
 }

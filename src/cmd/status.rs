@@ -4,21 +4,23 @@
 
 use crate::channel::Channel;
 use crate::cli::StatusArgs;
+use crate::exit_code::ExitCode;
 use crate::store::{ChannelStatus, Store};
+use crate::ui::write_out;
 use serde_json::json;
 use std::time::{Duration, SystemTime};
 
 /// A channel that failed this many times in a row is flagged.
 const FLAG_FAILURES: u64 = 3;
 
-pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<u8> {
+pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let only = args.channels.iter().map(|n| Channel::new(n)).collect::<Result<Vec<_>, _>>()?;
     let (channels, warnings) = match store {
         Some(store) => store.status(&only)?,
         None => (Vec::new(), Vec::new()),
     };
     for w in &warnings {
-        crate::warn(w);
+        crate::ui::warn(w);
     }
     if args.json {
         let list: Vec<_> = channels.iter().map(to_json).collect();
@@ -28,16 +30,7 @@ pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<u8>
     } else {
         write_out(&table(&channels, SystemTime::now()))?;
     }
-    Ok(0)
-}
-
-/// Writes to stdout; a reader that went away (`| head`) is not an error.
-pub fn write_out(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    match std::io::stdout().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
+    Ok(ExitCode::OK)
 }
 
 fn to_json(c: &ChannelStatus) -> serde_json::Value {
@@ -65,20 +58,7 @@ fn table(channels: &[ChannelStatus], now: SystemTime) -> String {
         return "no channels yet\n".to_owned();
     }
     let rows: Vec<[String; 8]> = channels.iter().map(|c| row(c, now)).collect();
-    let mut widths = HEADERS.map(str::len);
-    for row in &rows {
-        for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.chars().count()).min(CAPS[i].max(HEADERS[i].len()));
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(HEADERS.map(str::to_owned)).chain(rows) {
-        let cells: Vec<String> =
-            row.iter().zip(widths).map(|(cell, w)| format!("{:<w$}", fit(cell, w))).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::ui::table(HEADERS, Some(CAPS), &rows)
 }
 
 fn row(c: &ChannelStatus, now: SystemTime) -> [String; 8] {
@@ -120,16 +100,6 @@ fn row(c: &ChannelStatus, now: SystemTime) -> [String; 8] {
         last.unwrap_or_else(dash),
         record.session_id.unwrap_or_else(dash),
     ]
-}
-
-/// Cuts `text` to `width` characters, marking the cut with `…`.
-fn fit(text: &str, width: usize) -> String {
-    if text.chars().count() <= width {
-        return text.to_owned();
-    }
-    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
 }
 
 #[cfg(test)]

@@ -28,6 +28,17 @@ pub enum Wait {
 #[error("lock lost, state not written: {0}")]
 pub struct LockLost(pub String);
 
+/// Why a write of the channel's record did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The lease is no longer proven: another run may have overlapped this one.
+    #[error(transparent)]
+    LockLost(#[from] LockLost),
+    /// The write failed (disk full, I/O error, the server refused): the lock still held.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
 /// Why no lease was handed out.
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
@@ -104,6 +115,10 @@ pub struct GcItem {
 }
 
 pub trait Store {
+    /// Where this store keeps its locks, the same for every process that reaches the
+    /// same store by whatever path (no spaces): a nested run compares it.
+    fn id(&self) -> String;
+
     /// Removes the records, logs, queue folders and lock files of channels whose last
     /// run ended more than `idle_for` ago and that nobody holds or waits for.
     fn gc(&self, idle_for: Duration, dry_run: bool) -> anyhow::Result<Vec<GcItem>>;
@@ -140,11 +155,17 @@ pub trait Lease {
     /// The channel's stored record (a damaged state file is moved aside, with a warning).
     fn record(&mut self) -> anyhow::Result<ChannelRecord>;
     /// Changes the channel's record in the serialized read-modify-write.
-    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()>;
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), WriteError>;
     /// The fencing token of this lease, if the store hands them out: it strictly grows
     /// from one holder to the next, so what the command writes elsewhere can be tagged
     /// with it and a stale holder's writes refused (`CHAN_RUN_FENCE`).
     fn fence(&self) -> Option<i64> {
+        None
+    }
+    /// If this lease can be lost while the command runs (the store then raises the
+    /// control's lock-lost alarm), the longest the command may outlive that alarm: the
+    /// store's protocol counts on the command being gone by then.
+    fn lost_grace(&self) -> Option<Duration> {
         None
     }
     /// Records a finished run: `change` as in `update`, then the history entry `entry`
@@ -155,7 +176,7 @@ pub trait Lease {
         &mut self,
         change: &mut dyn FnMut(&mut ChannelRecord),
         entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
-    ) -> (anyhow::Result<()>, anyhow::Result<()>);
+    ) -> (Result<(), WriteError>, anyhow::Result<()>);
     /// The clean end: the command is gone; clears the holder record and unlocks.
     fn release(self: Box<Self>) -> anyhow::Result<()>;
 }
@@ -195,8 +216,49 @@ pub fn open_existing(at: Location) -> anyhow::Result<Option<Box<dyn Store>>> {
     Ok(Some(Box::new(local::LocalStore::open(&dir)?)))
 }
 
+/// The command as holder records keep it: lossy UTF-8, each argument and the whole
+/// capped (a prompt can be long).
+pub fn capped(command: &[OsString]) -> Vec<String> {
+    const MAX_COMMAND_BYTES: usize = 4096;
+    const MAX_ARG_BYTES: usize = 512;
+    let mut out = Vec::new();
+    let mut total = 0;
+    for arg in command {
+        let mut arg = arg.to_string_lossy().into_owned();
+        if arg.len() > MAX_ARG_BYTES {
+            let mut cut = MAX_ARG_BYTES;
+            while !arg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            arg.truncate(cut);
+            arg.push('…');
+        }
+        total += arg.len();
+        if total > MAX_COMMAND_BYTES {
+            out.push("…".to_owned());
+            break;
+        }
+        out.push(arg);
+    }
+    out
+}
+
 fn default_state_dir() -> anyhow::Result<std::path::PathBuf> {
     let dirs = directories::ProjectDirs::from("", "", "chan-run")
         .ok_or_else(|| anyhow::anyhow!("cannot find your home directory; pass --state-dir DIR"))?;
     Ok(dirs.state_dir().unwrap_or_else(|| dirs.data_local_dir()).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_commands_are_capped() {
+        let long = OsString::from("x".repeat(10_000));
+        let many: Vec<OsString> = (0..100).map(|_| long.clone()).collect();
+        let capped = capped(&many);
+        assert!(capped.iter().map(String::len).sum::<usize>() <= 4096 + 8);
+        assert_eq!(capped.last().unwrap(), "…");
+    }
 }

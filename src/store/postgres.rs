@@ -49,8 +49,8 @@
 //!    namespace); then every [`BEAT`] it updates `heartbeat` where
 //!    `fence` is still this run's. A beat that fails
 //!    (the connection broke, the fence moved on, the backend changed) raises the
-//!    lock-lost alarm: the command gets SIGTERM, and SIGKILL at most
-//!    [`crate::supervise::LOCK_LOST_GRACE`] later. The client socket's keepalives and
+//!    lock-lost alarm: the command gets SIGTERM, and SIGKILL at most [`LOST_GRACE`]
+//!    later (the lease's `lost_grace`; the supervisor keeps to it). The client socket's keepalives and
 //!    `tcp_user_timeout` bound a beat on a dead network to [`CLIENT_GIVES_UP_AFTER`], so
 //!    the command is gone [`BEAT`] + that + the grace after the last good beat: well
 //!    before the server can drop the session and hand the lock on. (A server that
@@ -66,6 +66,7 @@
 
 use super::{
     AcquireError, ChannelStatus, GcItem, Holder, HolderView, Lease, LockLost, Store, Wait, WaitNote, Waiter,
+    WriteError,
 };
 use crate::channel::Channel;
 use crate::control::{Control, LockLostAlarm};
@@ -127,14 +128,15 @@ pub const CLIENT_GIVES_UP_AFTER: Duration = Duration::from_secs(5);
 /// The server's bound, set per session: keepalives of 10 s idle + 3 × 5 s and
 /// `tcp_user_timeout` 20 s, so a silent client keeps its lock at least this long.
 pub const SERVER_DROPS_AFTER: Duration = Duration::from_secs(20);
+/// The longest a command may outlive the lock-lost alarm (SIGTERM, then SIGKILL).
+pub const LOST_GRACE: Duration = Duration::from_secs(3);
 /// History rows kept per channel.
 pub const HISTORY_KEEP: i64 = 1000;
 
 // The protocol's point: a cut-off holder stops its command before the server can drop
 // its session and hand the lock on.
 const _: () = assert!(
-    BEAT.as_secs() + CLIENT_GIVES_UP_AFTER.as_secs() + crate::supervise::LOCK_LOST_GRACE.as_secs()
-        < SERVER_DROPS_AFTER.as_secs()
+    BEAT.as_secs() + CLIENT_GIVES_UP_AFTER.as_secs() + LOST_GRACE.as_secs() < SERVER_DROPS_AFTER.as_secs()
 );
 
 /// The session's settings, set by the first statement (not as startup `options`, which
@@ -580,6 +582,10 @@ impl Conn {
 }
 
 impl Store for PgStore {
+    fn id(&self) -> String {
+        format!("postgres:{}", self.shown).replace('%', "%25").replace(' ', "%20").replace('\n', "%0A")
+    }
+
     fn acquire(
         &self,
         channel: &Channel,
@@ -868,7 +874,7 @@ impl PgLease {
 
 impl Lease for PgLease {
     fn announce(&mut self, holder: &Holder) -> anyhow::Result<()> {
-        let command = serde_json::to_string(&super::local::lock::capped(holder.command))?;
+        let command = serde_json::to_string(&super::capped(holder.command))?;
         let since = humantime::format_rfc3339_millis(holder.started_at).to_string();
         let (id, fence) = (self.id, self.fence);
         // From here until the run is recorded, the heartbeat thread has the connection.
@@ -901,16 +907,20 @@ impl Lease for PgLease {
         Some(self.fence)
     }
 
-    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()> {
-        self.write(change, None)
+    fn lost_grace(&self) -> Option<Duration> {
+        Some(LOST_GRACE)
+    }
+
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), WriteError> {
+        self.write(change, None).map_err(write_error)
     }
 
     fn record_run(
         &mut self,
         change: &mut dyn FnMut(&mut ChannelRecord),
         entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
-    ) -> (anyhow::Result<()>, anyhow::Result<()>) {
-        (self.write(change, Some(entry)), Ok(()))
+    ) -> (Result<(), WriteError>, anyhow::Result<()>) {
+        (self.write(change, Some(entry)).map_err(write_error), Ok(()))
     }
 
     fn release(mut self: Box<Self>) -> anyhow::Result<()> {
@@ -943,6 +953,14 @@ impl Lease for PgLease {
             std::mem::forget(conn);
         }
         Ok(())
+    }
+}
+
+/// A failed write: lock lost (typed), or a plain failure.
+fn write_error(e: anyhow::Error) -> WriteError {
+    match e.downcast::<LockLost>() {
+        Ok(lost) => WriteError::LockLost(lost),
+        Err(e) => WriteError::Failed(e),
     }
 }
 

@@ -8,9 +8,6 @@
 //! exit 98 when it never comes); `alive PID` says whether a process is alive (not a zombie).
 //! `$T` is the test's scratch folder and `$B` the chan-run binary.
 
-// Each test crate uses a different subset of these helpers.
-#![allow(dead_code)]
-
 pub mod pg;
 pub mod state;
 

@@ -16,14 +16,10 @@ use anyhow::{Context, bail};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde::Deserialize;
-use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, SystemTime};
 
-/// The longest record `announce` writes; long prompts are cut to fit.
-const MAX_COMMAND_BYTES: usize = 4096;
-const MAX_ARG_BYTES: usize = 512;
 const PID_WIDTH: usize = 11;
 const TICKS_WIDTH: usize = 20;
 
@@ -156,7 +152,9 @@ pub fn claim_name(file: &File, channel: &str, contents: &Contents) -> anyhow::Re
                 Ok(()) => Ok(Some(header.len() as u64)),
                 Err(e) => {
                     let _ = file.set_len(0);
-                    crate::warn(format!("cannot write the lock file ({e}); running without a holder record"));
+                    crate::ui::warn(format!(
+                        "cannot write the lock file ({e}); running without a holder record"
+                    ));
                     Ok(None)
                 }
             }
@@ -184,7 +182,7 @@ pub fn announce(
     holder: &crate::store::Holder,
 ) -> anyhow::Result<Slots> {
     let started_at = humantime::format_rfc3339_millis(holder.started_at).to_string();
-    let command = capped(holder.command);
+    let command = crate::store::capped(holder.command);
     let mut line = format!(
         r#"{{"pid":{},"started_at":{},"spawn_ticks":{},"spawned_ticks":"#,
         holder.pid,
@@ -215,30 +213,6 @@ pub fn write_spawned(file: &File, slots: Slots, pid: u32, ticks: u64) {
     // Best effort: the command's own pre-exec write already named the group.
     let _ = file.write_all_at(format!("{:<PID_WIDTH$}", pid).as_bytes(), slots.pid);
     let _ = file.write_all_at(format!("{:<TICKS_WIDTH$}", ticks).as_bytes(), slots.spawned_ticks);
-}
-
-/// The command for the record: lossy UTF-8, each argument and the whole capped.
-pub fn capped(command: &[OsString]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut total = 0;
-    for arg in command {
-        let mut arg = arg.to_string_lossy().into_owned();
-        if arg.len() > MAX_ARG_BYTES {
-            let mut cut = MAX_ARG_BYTES;
-            while !arg.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            arg.truncate(cut);
-            arg.push('…');
-        }
-        total += arg.len();
-        if total > MAX_COMMAND_BYTES {
-            out.push("…".to_owned());
-            break;
-        }
-        out.push(arg);
-    }
-    out
 }
 
 /// Opens an existing lock file for reading only (for `status`), with its identity.
@@ -308,14 +282,5 @@ slot 1024
         assert!(parse(b"chan\n").record.is_none());
         let no_hint = parse(b"chan\nslot -                   \n");
         assert_eq!((no_hint.hint, no_hint.slot_line, no_hint.has_tail), (None, Some(5), false));
-    }
-
-    #[test]
-    fn long_commands_are_capped() {
-        let long = OsString::from("x".repeat(10_000));
-        let many: Vec<OsString> = (0..100).map(|_| long.clone()).collect();
-        let capped = capped(&many);
-        assert!(capped.iter().map(String::len).sum::<usize>() <= MAX_COMMAND_BYTES + 8);
-        assert_eq!(capped.last().unwrap(), "…");
     }
 }

@@ -18,7 +18,7 @@ mod state_file;
 use crate::channel::Channel;
 use crate::control::Control;
 use crate::state::ChannelRecord;
-use crate::store::{AcquireError, Holder, Lease, Store, Wait, WaitNote};
+use crate::store::{AcquireError, Holder, Lease, Store, Wait, WaitNote, WriteError};
 use crate::store::{ChannelStatus, GcItem, HolderView};
 use anyhow::{Context, anyhow, bail};
 use queue::{QueueDir, Ticket};
@@ -79,7 +79,7 @@ impl LocalStore {
             subdir(&dir, "history").with_context(|| format!("cannot use {}; remove it", named("history")))?;
         let network = network_filesystem(&dir);
         if let Some(kind) = network {
-            crate::warn(network_warning(root, kind));
+            crate::ui::warn(network_warning(root, kind));
         }
         Ok(LocalStore {
             inner: Arc::new(Inner { root: root.to_owned(), dir, locks, queues, history, network }),
@@ -290,6 +290,13 @@ enum Progress {
 }
 
 impl Store for LocalStore {
+    fn id(&self) -> String {
+        match rustix::fs::fstat(&self.inner.dir) {
+            Ok(st) => format!("local:{}:{}", st.st_dev, st.st_ino),
+            Err(_) => format!("local:{}", self.inner.root.display()).replace(' ', "%20"),
+        }
+    }
+
     fn gc(&self, idle_for: Duration, dry_run: bool) -> anyhow::Result<Vec<GcItem>> {
         let inner = &self.inner;
         let state = match inner.state().load()? {
@@ -544,7 +551,7 @@ impl Lease for LocalLease {
         Ok(record)
     }
 
-    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> anyhow::Result<()> {
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), WriteError> {
         self.hint = self.store.state().update_channel(&self.channel, self.hint, change)?;
         Ok(())
     }
@@ -553,7 +560,7 @@ impl Lease for LocalLease {
         &mut self,
         change: &mut dyn FnMut(&mut ChannelRecord),
         entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
-    ) -> (anyhow::Result<()>, anyhow::Result<()>) {
+    ) -> (Result<(), WriteError>, anyhow::Result<()>) {
         // The history gets the run even when active.json could not take it.
         let mut after = ChannelRecord::default();
         let recorded = self.update(&mut |r| {

@@ -542,7 +542,7 @@ impl StateFiles<'_> {
             };
             match rename_noreplace(self.dir, NAME, &name) {
                 Ok(()) => {
-                    crate::warn(format!(
+                    crate::ui::warn(format!(
                         "{} was damaged ({why}); moved it to {} and started from an empty state",
                         self.shown(),
                         self.path.join(&name).display()

@@ -1,0 +1,118 @@
+//! How a run ended, decided once: the exit code, the channel's `last_run`, the history
+//! entry, and the line chan-run says about it. `run` only carries these out.
+
+use crate::channel::Channel;
+use crate::exit_code::ExitCode;
+use crate::history::Entry;
+use crate::state::{ChannelRecord, LastRun, Outcome as Kind};
+use crate::supervise::{Ending, Finished, Stop};
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, SystemTime};
+
+pub struct Outcome {
+    pub code: ExitCode,
+    /// `None`: nothing ran because chan-run itself could not start it; the channel's
+    /// record is left as it was.
+    pub last_run: Option<LastRun>,
+    /// What chan-run says about the ending on stderr, and whether `-q` silences it.
+    pub message: Option<(String, bool)>,
+}
+
+impl Outcome {
+    pub fn of(
+        finished: &Finished,
+        channel: &Channel,
+        program: &OsString,
+        timeout: Duration,
+        started_at: SystemTime,
+    ) -> Outcome {
+        let shown = format!("'{}'", program.to_string_lossy());
+        let (code, kind, exit_code, signal, message) = match &finished.ending {
+            Ending::Unstarted(e) => {
+                let message =
+                    format!("cannot start {shown}: {e}; nothing ran, the channel's record is unchanged");
+                return Outcome { code: ExitCode::Failed, last_run: None, message: Some((message, false)) };
+            }
+            Ending::SpawnFailed(e) => {
+                let message = format!("cannot run {shown}: {}", spawn_hint(e));
+                (ExitCode::from_spawn_error(e), Kind::SpawnFailed, None, None, Some((message, false)))
+            }
+            Ending::Ran { status, stop } => {
+                let exit = status.and_then(|s| s.code());
+                let signal = status.map_or(Some(libc::SIGKILL), |s| s.signal());
+                match stop {
+                    Some(Stop::Timeout) => {
+                        let message = format!(
+                            "{shown} timed out after {}; stopped it",
+                            crate::duration::short(timeout)
+                        );
+                        (ExitCode::TimedOut, Kind::TimedOut, exit, signal, Some((message, true)))
+                    }
+                    Some(Stop::Signal(sig)) => {
+                        (ExitCode::Signal(*sig), Kind::Interrupted, exit, signal, None)
+                    }
+                    Some(Stop::LockLost) => {
+                        let message = format!(
+                            "lost channel {channel}'s lock while {shown} ran; stopped it before the channel could be handed on"
+                        );
+                        (ExitCode::LockLost, Kind::Interrupted, exit, signal, Some((message, false)))
+                    }
+                    None => match status {
+                        Some(s) if s.success() => (ExitCode::OK, Kind::Ok, exit, None, None),
+                        Some(s) if s.signal().is_some() => {
+                            (ExitCode::from_status(*s), Kind::Signaled, None, signal, None)
+                        }
+                        Some(s) => (ExitCode::from_status(*s), Kind::Failed, exit, None, None),
+                        None => (ExitCode::Failed, Kind::Failed, None, signal, None),
+                    },
+                }
+            }
+        };
+        let last_run = LastRun {
+            started_at: rfc3339(started_at),
+            finished_at: rfc3339(SystemTime::now()),
+            duration_ms: finished.duration.as_millis() as u64,
+            exit_code,
+            signal,
+            outcome: kind,
+            extra: Default::default(),
+        };
+        Outcome { code, last_run: Some(last_run), message }
+    }
+
+    /// The history entry of this run, from the record as the run left it.
+    pub fn entry(last_run: &LastRun, session_before: Option<String>, after: &ChannelRecord) -> Entry {
+        Entry {
+            started_at: last_run.started_at.clone(),
+            finished_at: last_run.finished_at.clone(),
+            duration_ms: last_run.duration_ms,
+            outcome: last_run.outcome,
+            exit_code: last_run.exit_code,
+            signal: last_run.signal,
+            session_before,
+            session_after: after.session_id.clone(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// The command's own status, for a message about a run whose lock was lost.
+pub fn command_status(finished: &Finished) -> Option<ExitCode> {
+    match &finished.ending {
+        Ending::Ran { status: Some(s), stop: None } => Some(ExitCode::from_status(*s)),
+        _ => None,
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn spawn_hint(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{e} (is it installed and on PATH?)"),
+        std::io::ErrorKind::PermissionDenied => format!("{e} (is it executable?)"),
+        _ => e.to_string(),
+    }
+}

@@ -1,0 +1,25 @@
+//! chan-run's integration tests, as one crate (one build and one link for them all):
+//! each module drives the real binary through `common::TestEnv`.
+
+mod common;
+
+mod bad_input;
+mod crash;
+mod exit_codes;
+mod hostile;
+mod io;
+mod load;
+mod mutex;
+mod names;
+mod operators;
+mod order;
+mod pg_harness;
+mod postgres;
+mod postgres_partition;
+mod postgres_pooler;
+mod sessions;
+mod signals;
+mod state;
+mod status;
+mod terminal;
+mod write_failures;
