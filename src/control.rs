@@ -8,8 +8,8 @@ use rustix::fd::BorrowedFd;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 /// The signals chan-run passes to its command and answers with exit 128+N.
@@ -48,9 +48,50 @@ impl Waker {
     }
 }
 
+/// Why `wait_for` returned without the work's answer.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Gave {
+    #[error("the deadline passed")]
+    Deadline,
+    /// A forwarded signal arrived (taken: the caller answers it).
+    #[error("interrupted by signal {0}")]
+    Signal(i32),
+    /// The helper thread could not start, or ended without an answer (it panicked).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How a helper thread of `wait_for_progress` reports progress.
+pub struct Progress<P> {
+    tx: mpsc::Sender<P>,
+    waker: Waker,
+}
+
+impl<P> Progress<P> {
+    pub fn send(&self, p: P) {
+        let _ = self.tx.send(p);
+        self.waker.wake();
+    }
+}
+
+/// Wakes the main thread when the helper thread ends, answered or not (a panic too).
+struct WakeOnDrop(Waker);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.wake();
+    }
+}
+
 impl Control {
-    /// Installs the handlers. Signals ignored at start (e.g. under `nohup`) stay ignored.
-    pub fn install() -> io::Result<Control> {
+    /// Installs the handlers, once per process: the value lives as long as the process
+    /// (signal handlers are the process's), so every layer may keep a reference to it.
+    /// Signals ignored at start (e.g. under `nohup`) stay ignored.
+    pub fn install() -> io::Result<&'static Control> {
+        Ok(Box::leak(Box::new(Control::new()?)))
+    }
+
+    fn new() -> io::Result<Control> {
         let (rx, tx) = UnixStream::pair()?;
         rx.set_nonblocking(true)?;
         tx.set_nonblocking(true)?;
@@ -104,11 +145,86 @@ impl Control {
         Ok(())
     }
 
+    /// Runs `work` on a helper thread (which may block in the kernel, in `flock` say,
+    /// where a signal cannot reach it) and waits for its answer, the `deadline` or a
+    /// forwarded signal, whichever comes first. An answer that comes after the caller gave
+    /// up is dropped (a lock it holds is released with it); a helper left blocked stays
+    /// so until the process exits.
+    #[allow(dead_code)] // used by the state's lock waits, in the next step
+    pub fn wait_for<T: Send + 'static>(
+        &self,
+        deadline: Option<Instant>,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Gave> {
+        self.wait_for_progress(deadline, &mut |()| {}, move |_| work())
+    }
+
+    /// As `wait_for`; `work` may also report progress through its `Progress`, which
+    /// the waiting thread hands to `on_progress` as it comes.
+    pub fn wait_for_progress<T: Send + 'static, P: Send + 'static>(
+        &self,
+        deadline: Option<Instant>,
+        on_progress: &mut dyn FnMut(P),
+        work: impl FnOnce(&Progress<P>) -> T + Send + 'static,
+    ) -> Result<T, Gave> {
+        let (tx, rx) = mpsc::channel();
+        let (progress_tx, progress_rx) = mpsc::channel();
+        let failed = |e: io::Error| Gave::Failed(format!("cannot set up waiting: {e}"));
+        let progress = Progress { tx: progress_tx, waker: self.waker().map_err(failed)? };
+        let wake = WakeOnDrop(self.waker().map_err(failed)?);
+        std::thread::Builder::new()
+            .spawn(move || {
+                let _wake = wake; // dropped after the send, so the wake-up finds the answer
+                let _ = tx.send(work(&progress));
+            })
+            .map_err(|e| Gave::Failed(format!("cannot start a thread to wait ({e})")))?;
+        loop {
+            while let Ok(p) = progress_rx.try_recv() {
+                on_progress(p);
+            }
+            match rx.try_recv() {
+                Ok(answer) => return Ok(answer),
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    return Err(Gave::Failed("the waiting thread ended without an answer".into()));
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            if let Some(sig) = self.take_signal() {
+                return Err(Gave::Signal(sig));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Gave::Deadline);
+            }
+            self.wait(deadline).map_err(|e| Gave::Failed(format!("cannot wait: {e}")))?;
+        }
+    }
+
     /// The forwarded signal received since the last call, if any.
     pub fn take_signal(&self) -> Option<i32> {
         match self.signal.swap(0, Ordering::SeqCst) {
             0 => None,
             sig => Some(sig as i32),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn waiting_for_a_helper_ends_with_its_answer_its_death_or_the_deadline() {
+        let control = Control::install().unwrap();
+        assert_eq!(control.wait_for(None, || 7), Ok(7));
+        // A helper that panics must not leave the caller waiting forever.
+        let died = control.wait_for(None, || -> u8 { panic!("the helper failed") });
+        assert!(matches!(died, Err(Gave::Failed(ref m)) if m.contains("without an answer")), "{died:?}");
+        let start = Instant::now();
+        let late = control.wait_for(Some(start + Duration::from_millis(50)), || {
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        assert_eq!(late, Err(Gave::Deadline));
+        assert!(start.elapsed() < Duration::from_secs(4));
     }
 }

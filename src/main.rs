@@ -61,15 +61,15 @@ fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run(args) => {
             let control = control::Control::install()?;
-            cmd::run::run(store::open(dir)?.as_ref(), args, &control)
+            cmd::run::run(store::open(dir)?.as_ref(), args, control)
         }
         Command::Reset(args) => {
             let control = control::Control::install()?;
-            cmd::reset::reset(store::open(dir)?.as_ref(), args, &control)
+            cmd::reset::reset(store::open(dir)?.as_ref(), args, control)
         }
         Command::Gc(args) => {
-            let _control = control::Control::install()?; // SIGXFSZ ignored while rewriting
-            cmd::gc::gc(store::open(dir)?.as_ref(), args)
+            let control = control::Control::install()?; // SIGXFSZ ignored while rewriting
+            cmd::gc::gc(store::open(dir)?.as_ref(), args, control)
         }
     }
 }

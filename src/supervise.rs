@@ -32,7 +32,7 @@ pub struct Plan<'a> {
     pub kill_after: Duration,
     /// Where the command's process writes its own pid (= its process group) before
     /// `exec`: (fd, offset, width), from the store's lease.
-    pub pid_note: Option<(std::os::fd::RawFd, u64, usize)>,
+    pub pid_field: Option<(std::os::fd::RawFd, u64, usize)>,
     /// When the store can lose the lock while the command runs: the longest the command
     /// may outlive that news (its grace is then the shorter of this and `kill_after`).
     pub lost_grace: Option<Duration>,
@@ -83,7 +83,7 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         &mut command,
         crate::sys::ChildSetup {
             parent: rustix::process::getpid(),
-            pid_slot: plan.pid_note,
+            pid_field: plan.pid_field,
             take_terminal,
             default_sigxfsz: control.sigxfsz_changed,
         },

@@ -66,7 +66,7 @@ pub struct ChildSetup {
     pub parent: Pid,
     /// Where in the holder record to write the command's pid (= its process group),
     /// so the record names the group before the command can run a single instruction.
-    pub pid_slot: Option<(RawFd, u64, usize)>,
+    pub pid_field: Option<(RawFd, u64, usize)>,
     /// Make the command's new process group the terminal's foreground group.
     pub take_terminal: bool,
     /// Give SIGXFSZ its default action back (chan-run ignores it for itself).
@@ -84,7 +84,7 @@ pub fn set_child_setup(command: &mut Command, setup: ChildSetup) {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
         let me = rustix::process::getpid();
-        if let Some((fd, offset, width)) = setup.pid_slot {
+        if let Some((fd, offset, width)) = setup.pid_field {
             let mut buf = [b' '; 20];
             let digits = write_decimal(&mut buf, me.as_raw_nonzero().get() as u32);
             if digits <= width {

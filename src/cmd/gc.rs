@@ -4,8 +4,12 @@ use crate::cli::GcArgs;
 use crate::exit_code::ExitCode;
 use crate::store::Store;
 
-pub fn gc(store: &dyn Store, args: GcArgs) -> anyhow::Result<ExitCode> {
-    let items = store.gc(args.idle_for, args.dry_run)?;
+pub fn gc(
+    store: &dyn Store,
+    args: GcArgs,
+    control: &'static crate::control::Control,
+) -> anyhow::Result<ExitCode> {
+    let items = store.gc(args.idle_for, args.dry_run, control)?;
     let mut out = String::new();
     let verb = if args.dry_run { "would remove" } else { "removed" };
     for item in &items {

@@ -25,7 +25,7 @@ pub fn acquire(
     channel: &Channel,
     args: &WaitArgs,
     quiet: bool,
-    control: &Control,
+    control: &'static Control,
 ) -> anyhow::Result<Result<Box<dyn Lease>, ExitCode>> {
     let wait = match (args.no_wait, args.wait) {
         (true, _) => Wait::No,

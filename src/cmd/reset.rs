@@ -9,7 +9,7 @@ use crate::store::{Holder, Store};
 use std::ffi::OsString;
 use std::time::SystemTime;
 
-pub fn reset(store: &dyn Store, args: ResetArgs, control: &Control) -> anyhow::Result<ExitCode> {
+pub fn reset(store: &dyn Store, args: ResetArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
     super::held::refuse_self_deadlock(&store.id(), &channel)?;
     let mut lease = match super::acquire(store, &channel, &args.wait, false, control)? {

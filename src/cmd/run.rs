@@ -13,7 +13,7 @@ use crate::ui;
 use std::ffi::OsString;
 use std::time::SystemTime;
 
-pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Result<ExitCode> {
+pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
     super::held::refuse_self_deadlock(&store.id(), &channel)?;
     let mut lease = match super::acquire(store, &channel, &args.wait, args.quiet, control)? {
@@ -44,7 +44,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
         env: command_env(&store.id(), &channel, session.as_deref(), lease.fence()),
         timeout: Some(args.timeout).filter(|t| !t.is_zero()),
         kill_after: args.kill_after,
-        pid_note: lease.pid_slot(),
+        pid_field: lease.pid_field(),
         lost_grace: lease.lost_grace(),
         tail_cap: if args.no_session { 0 } else { supervise::TAIL_CAP },
     };

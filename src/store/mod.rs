@@ -121,7 +121,8 @@ pub trait Store {
 
     /// Removes the records, logs, queue folders and lock files of channels whose last
     /// run ended more than `idle_for` ago and that nobody holds or waits for.
-    fn gc(&self, idle_for: Duration, dry_run: bool) -> anyhow::Result<Vec<GcItem>>;
+    fn gc(&self, idle_for: Duration, dry_run: bool, control: &'static Control)
+    -> anyhow::Result<Vec<GcItem>>;
 
     /// Every known channel (or the ones named), without taking or joining anything:
     /// never blocks behind a run, never makes a concurrent run fail.
@@ -137,7 +138,7 @@ pub trait Store {
         &self,
         channel: &Channel,
         wait: Wait,
-        control: &Control,
+        control: &'static Control,
         on_wait: &mut dyn FnMut(&WaitNote),
     ) -> Result<Box<dyn Lease>, AcquireError>;
 }
@@ -147,9 +148,9 @@ pub trait Store {
 pub trait Lease {
     /// Records the holder before the command is started.
     fn announce(&mut self, holder: &Holder) -> anyhow::Result<()>;
-    /// Where the command writes its own pid into the record before `exec`, if the
-    /// store can take such a write: (fd, offset, width).
-    fn pid_slot(&self) -> Option<(RawFd, u64, usize)>;
+    /// Where the command's process writes its own pid into the holder record before
+    /// `exec`, if the store can take such a write: (fd, offset, width).
+    fn pid_field(&self) -> Option<(RawFd, u64, usize)>;
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
     /// The channel's stored record (a damaged state file is moved aside, with a warning).
@@ -191,29 +192,26 @@ pub struct Location<'a> {
 /// The store for this invocation: PostgreSQL for a `postgres://` `--store`, else the
 /// local state directory (`--state-dir`, else the platform's per-user state directory).
 pub fn open(at: Location) -> anyhow::Result<Box<dyn Store>> {
-    if let Some(url) = at.store.filter(|u| !u.is_empty()) {
-        return Ok(Box::new(postgres::PgStore::open(url)?));
+    match open_as(at, true)? {
+        Some(store) => Ok(store),
+        None => anyhow::bail!("the state directory could not be made"),
     }
-    let dir = match at.state_dir {
-        Some(dir) => dir.to_owned(),
-        None => default_state_dir()?,
-    };
-    Ok(Box::new(local::LocalStore::open(&dir)?))
 }
 
 /// The store if it exists; `None` if there is none yet (nothing is created).
 pub fn open_existing(at: Location) -> anyhow::Result<Option<Box<dyn Store>>> {
-    if at.store.is_some_and(|u| !u.is_empty()) {
-        return open(at).map(Some);
+    open_as(at, false)
+}
+
+fn open_as(at: Location, create: bool) -> anyhow::Result<Option<Box<dyn Store>>> {
+    if let Some(url) = at.store.filter(|u| !u.is_empty()) {
+        return Ok(Some(Box::new(postgres::PgStore::open(url)?)));
     }
     let dir = match at.state_dir {
         Some(dir) => dir.to_owned(),
         None => default_state_dir()?,
     };
-    if !dir.exists() {
-        return Ok(None);
-    }
-    Ok(Some(Box::new(local::LocalStore::open(&dir)?)))
+    Ok(local::LocalStore::open(&dir, create)?.map(|s| Box::new(s) as Box<dyn Store>))
 }
 
 /// The command as holder records keep it: lossy UTF-8, each argument and the whole

@@ -590,7 +590,7 @@ impl Store for PgStore {
         &self,
         channel: &Channel,
         wait: Wait,
-        control: &Control,
+        control: &'static Control,
         on_wait: &mut dyn FnMut(&WaitNote),
     ) -> Result<Box<dyn Lease>, AcquireError> {
         let mut conn = self.connect()?;
@@ -691,7 +691,12 @@ impl Store for PgStore {
         Ok(rows.iter().filter_map(|r| serde_json::from_str(&r.get::<_, String>(0)).ok()).collect())
     }
 
-    fn gc(&self, idle_for: Duration, dry_run: bool) -> anyhow::Result<Vec<GcItem>> {
+    fn gc(
+        &self,
+        idle_for: Duration,
+        dry_run: bool,
+        _control: &'static Control,
+    ) -> anyhow::Result<Vec<GcItem>> {
         let mut conn = self.connect()?;
         let rows = conn.client.query_typed(
             "SELECT id, channel, EXTRACT(EPOCH FROM now() - COALESCE(last_finished, created))::float8 \
@@ -889,7 +894,7 @@ impl Lease for PgLease {
         Ok(())
     }
 
-    fn pid_slot(&self) -> Option<(RawFd, u64, usize)> {
+    fn pid_field(&self) -> Option<(RawFd, u64, usize)> {
         None
     }
 

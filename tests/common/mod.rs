@@ -204,7 +204,7 @@ impl TestEnv {
         let lines: Vec<&str> = text.lines().collect();
         assert!(text.ends_with('\n') && lines.len() == 2, "a released lock file holds two lines: {text:?}");
         assert_eq!(lines[0], channel, "{text:?}");
-        assert!(lines[1].starts_with("slot "), "{text:?}");
+        assert!(lines[1].starts_with("at "), "{text:?}");
     }
 
     /// Entries of the `locks/` folder, sorted.

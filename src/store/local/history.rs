@@ -6,8 +6,7 @@
 
 use crate::history::{self, Entry};
 use rustix::fd::OwnedFd;
-use rustix::fs::{AtFlags, Mode, OFlags};
-use std::fs::File;
+use rustix::fs::{AtFlags, OFlags};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 
@@ -17,13 +16,9 @@ pub fn append(dir: &OwnedFd, stem: &str, entry: &Entry) -> anyhow::Result<()> {
     let mut line = serde_json::to_vec(entry)?;
     line.push(b'\n');
     let name = format!("{stem}.log");
-    let flags = OFlags::RDWR
-        | OFlags::CREATE
-        | OFlags::APPEND
-        | OFlags::NOFOLLOW
-        | OFlags::CLOEXEC
-        | OFlags::NONBLOCK;
-    let mut file = File::from(rustix::fs::openat(dir, &name, flags, Mode::from_raw_mode(0o600))?);
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::APPEND;
+    let mut file = super::dir::file(dir, &name, flags)
+        .map_err(|e| anyhow::anyhow!("{}", e.message(&std::path::Path::new("history").join(&name))))?;
     let len = file.metadata()?.len();
     // After a crash mid-append the log ends in a torn line: start on a line of our own.
     let mut last = [b'\n'];
@@ -55,12 +50,9 @@ pub fn remove(dir: &OwnedFd, stem: &str) {
 }
 
 fn slurp(dir: &OwnedFd, name: &str) -> Vec<u8> {
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
     let mut buf = Vec::new();
-    if let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty())
-        && super::lock::is_regular(&fd)
-    {
-        let _ = File::from(fd).take(4 * ROTATE_AT).read_to_end(&mut buf);
+    if let Ok(file) = super::dir::file(dir, name, OFlags::RDONLY) {
+        let _ = file.take(4 * ROTATE_AT).read_to_end(&mut buf);
     }
     buf
 }

@@ -2,19 +2,27 @@
 //!
 //! Line 1 is the channel's full name, written by its first holder and checked by every
 //! later one (two names whose long stems collide can never share a lock). Line 2 is
-//! `slot N`, where the channel's record was last seen in `active.json` (a hint, fixed
-//! width, rewritten in place). Line 3, while the lock is held, is the holder record: chan-run's pid, the command's pid (= its
-//! process group; written by the command itself before `exec`, into a fixed-width slot),
-//! the clock-tick window of its fork, start time, channel and command. A clean end
-//! truncates the file back to lines 1-2 before unlocking; a record found by the next holder
-//! therefore means the previous run did not end cleanly, and what is left of its
-//! command must be killed first. Readers take a record only if it is one whole line of
-//! valid JSON: a torn or stale one reads as "unknown", never as an error.
+//! `at N`: where the channel's record was last seen in `active.json` (a hint, fixed
+//! width, rewritten in place; `at -` when unknown). Line 3, while the lock is held, is
+//! the holder record: chan-run's pid, the command's pid (= its process group), the
+//! clock-tick window of its fork, start time, channel and command.
+//!
+//! Who writes the command's pid: the command's own process, between `fork` and `exec`,
+//! into a fixed-width field (then chan-run again after the spawn). The parent alone
+//! could not close the window: std's spawn returns only after the `exec`, so a chan-run
+//! killed right then would leave a command that may already have forked descendants,
+//! and a record that does not name their group. Written by the child, the record names
+//! the group before the command runs a single instruction (the lock file's descriptor
+//! is close-on-exec, so the command itself never holds it).
+//!
+//! A clean end truncates the file back to lines 1-2 before unlocking; a record found by
+//! the next holder therefore means the previous run did not end cleanly, and what is
+//! left of its command must be killed first. Readers take a record only if it is one
+//! whole line of valid JSON: a torn or stale one reads as "unknown", never as an error.
 
 use crate::orphans::Leftover;
 use anyhow::{Context, bail};
-use rustix::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fd::{AsFd, AsRawFd, RawFd};
 use serde::Deserialize;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -22,38 +30,6 @@ use std::time::{Duration, SystemTime};
 
 const PID_WIDTH: usize = 11;
 const TICKS_WIDTH: usize = 20;
-
-/// Opens (creating, 0600) a channel's lock file. Anything but a regular file there (a
-/// FIFO would block every read) is refused as `EINVAL`.
-pub fn open(locks: &OwnedFd, stem: &str) -> rustix::io::Result<File> {
-    let fd = rustix::fs::openat(
-        locks,
-        format!("{stem}.lock"),
-        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::from_raw_mode(0o600),
-    )?;
-    if !is_regular(&fd) {
-        return Err(rustix::io::Errno::INVAL);
-    }
-    Ok(File::from(fd))
-}
-
-pub fn is_regular(fd: &OwnedFd) -> bool {
-    rustix::fs::fstat(fd)
-        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile)
-}
-
-/// After taking the lock: does the path still name the file we locked? (A lock file
-/// removed by clean-up while we waited on it protects nothing.)
-pub fn still_named(locks: &OwnedFd, stem: &str, file: &File) -> bool {
-    let (Ok(open), Ok(named)) = (
-        rustix::fs::fstat(file),
-        rustix::fs::statat(locks, format!("{stem}.lock"), AtFlags::SYMLINK_NOFOLLOW),
-    ) else {
-        return false;
-    };
-    (open.st_dev, open.st_ino) == (named.st_dev, named.st_ino)
-}
 
 /// The record as readers see it.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -82,23 +58,23 @@ impl HolderRecord {
     }
 }
 
-/// The file's content split into its name line, slot hint and holder record, if valid.
+/// The file's content split into its name line, record hint and holder record, if valid.
 pub struct Contents {
     pub name: Option<String>,
-    /// Where line 2 starts and whether it is a whole `slot` line.
-    slot_line: Option<usize>,
+    /// Where line 2 starts, if it is a whole `at` line.
+    hint_line: Option<usize>,
     pub hint: Option<u64>,
     pub record: Option<HolderRecord>,
     /// Bytes after the header lines (a record, whole or torn).
     pub has_tail: bool,
 }
 
-const SLOT_LINE: usize = "slot ".len() + 20 + 1;
+const HINT_LINE: usize = "at ".len() + 20 + 1;
 
-fn slot_line(hint: Option<u64>) -> String {
+fn hint_line(hint: Option<u64>) -> String {
     match hint {
-        Some(offset) => format!("slot {offset:<20}\n"),
-        None => format!("slot {:<20}\n", "-"),
+        Some(offset) => format!("at {offset:<20}\n"),
+        None => format!("at {:<20}\n", "-"),
     }
 }
 
@@ -119,35 +95,35 @@ pub fn read(file: &File) -> std::io::Result<Contents> {
 
 fn parse(buf: &[u8]) -> Contents {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-        return Contents { name: None, slot_line: None, hint: None, record: None, has_tail: false };
+        return Contents { name: None, hint_line: None, hint: None, record: None, has_tail: false };
     };
     let name = std::str::from_utf8(&buf[..nl]).ok().map(str::to_owned);
     let mut tail = &buf[nl + 1..];
-    let mut slot_line = None;
+    let mut hint_line = None;
     let mut hint = None;
-    if tail.len() >= SLOT_LINE && tail.starts_with(b"slot ") && tail[SLOT_LINE - 1] == b'\n' {
-        slot_line = Some(nl + 1);
-        hint = std::str::from_utf8(&tail[5..SLOT_LINE - 1]).ok().and_then(|t| t.trim().parse().ok());
-        tail = &tail[SLOT_LINE..];
+    if tail.len() >= HINT_LINE && tail.starts_with(b"at ") && tail[HINT_LINE - 1] == b'\n' {
+        hint_line = Some(nl + 1);
+        hint = std::str::from_utf8(&tail[3..HINT_LINE - 1]).ok().and_then(|t| t.trim().parse().ok());
+        tail = &tail[HINT_LINE..];
     }
     let record = match tail.iter().position(|&b| b == b'\n') {
         Some(end) if end + 1 == tail.len() => serde_json::from_slice(&tail[..end]).ok(),
         _ => None,
     };
-    Contents { name, slot_line, hint, record, has_tail: !tail.is_empty() }
+    Contents { name, hint_line, hint, record, has_tail: !tail.is_empty() }
 }
 
-/// Makes sure line 1 names `channel` and line 2 is a slot line; an empty file gets
+/// Makes sure line 1 names `channel` and line 2 is a hint line; an empty file gets
 /// both, a different name is refused. Returns the header's length, or `None` (with a
 /// warning) if it could not be written.
 pub fn claim_name(file: &File, channel: &str, contents: &Contents) -> anyhow::Result<Option<u64>> {
-    match (&contents.name, contents.slot_line) {
-        (Some(name), Some(at)) if name == channel => Ok(Some((at + SLOT_LINE) as u64)),
+    match (&contents.name, contents.hint_line) {
+        (Some(name), Some(at)) if name == channel => Ok(Some((at + HINT_LINE) as u64)),
         (Some(other), _) if other != channel => bail!(
             "the lock file of channel {channel:?} belongs to channel {other:?} (their shortened names collide); use a shorter channel name"
         ),
         _ => {
-            let header = format!("{channel}\n{}", slot_line(None));
+            let header = format!("{channel}\n{}", hint_line(None));
             match file.set_len(0).and_then(|()| file.write_all_at(header.as_bytes(), 0)) {
                 Ok(()) => Ok(Some(header.len() as u64)),
                 Err(e) => {
@@ -162,25 +138,25 @@ pub fn claim_name(file: &File, channel: &str, contents: &Contents) -> anyhow::Re
     }
 }
 
-/// Rewrites the slot hint in place (fixed width: the record after it does not move).
-pub fn write_hint(file: &File, header_len: u64, hint: Option<u64>) {
-    let _ = file.write_all_at(slot_line(hint).as_bytes(), header_len - SLOT_LINE as u64);
+/// Rewrites the record hint in place (fixed width: the record after it does not move).
+pub fn write_hint(file: &File, header_len: u64, hint: Option<u64>) -> std::io::Result<()> {
+    file.write_all_at(hint_line(hint).as_bytes(), header_len - HINT_LINE as u64)
 }
 
-/// Where the fixed-width slots of a written record are.
+/// Where the fixed-width fields of a written holder record are.
 #[derive(Clone, Copy, Debug)]
-pub struct Slots {
+pub struct Fields {
     pub pid: u64,
     pub spawned_ticks: u64,
 }
 
-/// Writes the holder record after the name line; returns where its slots are.
+/// Writes the holder record after the header lines; returns where its fields are.
 pub fn announce(
     file: &File,
     header_len: u64,
     channel: &str,
     holder: &crate::store::Holder,
-) -> anyhow::Result<Slots> {
+) -> anyhow::Result<Fields> {
     let started_at = humantime::format_rfc3339_millis(holder.started_at).to_string();
     let command = crate::store::capped(holder.command);
     let mut line = format!(
@@ -202,61 +178,18 @@ pub fn announce(
     line.push('\n');
     file.write_all_at(line.as_bytes(), header_len).context("cannot write the holder record")?;
     file.set_len(header_len + line.len() as u64).context("cannot write the holder record")?;
-    Ok(Slots { pid: header_len + pid, spawned_ticks: header_len + spawned_ticks })
+    Ok(Fields { pid: header_len + pid, spawned_ticks: header_len + spawned_ticks })
 }
 
-pub fn pid_slot(file: &File, slots: Slots) -> (RawFd, u64, usize) {
-    (file.as_fd().as_raw_fd(), slots.pid, PID_WIDTH)
+/// Where the command's process writes its own pid: (fd, offset, width).
+pub fn pid_field(file: &File, fields: Fields) -> (RawFd, u64, usize) {
+    (file.as_fd().as_raw_fd(), fields.pid, PID_WIDTH)
 }
 
-pub fn write_spawned(file: &File, slots: Slots, pid: u32, ticks: u64) {
+pub fn write_spawned(file: &File, fields: Fields, pid: u32, ticks: u64) {
     // Best effort: the command's own pre-exec write already named the group.
-    let _ = file.write_all_at(format!("{:<PID_WIDTH$}", pid).as_bytes(), slots.pid);
-    let _ = file.write_all_at(format!("{:<TICKS_WIDTH$}", ticks).as_bytes(), slots.spawned_ticks);
-}
-
-/// Opens an existing lock file for reading only (for `status`), with its identity.
-pub fn open_existing(locks: &OwnedFd, stem: &str) -> Option<(File, crate::procfs::FileId)> {
-    let fd = rustix::fs::openat(
-        locks,
-        format!("{stem}.lock"),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-        Mode::empty(),
-    )
-    .ok()
-    .filter(is_regular)?;
-    let id = crate::procfs::file_id(&rustix::fs::fstat(&fd).ok()?);
-    Some((File::from(fd), id))
-}
-
-/// How long ago the lock file was last written (for channels with no record).
-pub fn modified_ago(locks: &OwnedFd, stem: &str) -> Option<Duration> {
-    let st = rustix::fs::statat(locks, format!("{stem}.lock"), AtFlags::SYMLINK_NOFOLLOW).ok()?;
-    let modified = std::time::UNIX_EPOCH + Duration::from_secs(st.st_mtime.max(0) as u64);
-    SystemTime::now().duration_since(modified).ok()
-}
-
-/// Removes the lock file while its lock is held (`gc`); every acquirer checks after
-/// locking that the path still names the file it locked, and starts over if not.
-pub fn remove(locks: &OwnedFd, stem: &str, held: &File) {
-    if still_named(locks, stem, held) {
-        let _ = rustix::fs::unlinkat(locks, format!("{stem}.lock"), AtFlags::empty());
-    }
-}
-
-/// The channel names recorded in the lock files (line 1 of each).
-pub fn names(locks: &OwnedFd) -> Vec<String> {
-    let Ok(mut dir) = rustix::fs::Dir::read_from(locks) else { return Vec::new() };
-    let mut names = Vec::new();
-    while let Some(Ok(entry)) = dir.read() {
-        let Some(stem) = entry.file_name().to_str().ok().and_then(|n| n.strip_suffix(".lock")) else {
-            continue;
-        };
-        if let Some(name) = open_existing(locks, stem).and_then(|(f, _)| read(&f).ok()?.name) {
-            names.push(name);
-        }
-    }
-    names
+    let _ = file.write_all_at(format!("{:<PID_WIDTH$}", pid).as_bytes(), fields.pid);
+    let _ = file.write_all_at(format!("{:<TICKS_WIDTH$}", ticks).as_bytes(), fields.spawned_ticks);
 }
 
 #[cfg(test)]
@@ -266,7 +199,7 @@ mod tests {
     #[test]
     fn torn_or_partial_records_read_as_unknown() {
         let full = br#"chan
-slot 1024                
+at 1024                
 {"pid":1,"started_at":"2026-01-01T00:00:00.000Z","spawn_ticks":5,"spawned_ticks":6                   ,"command_pid":7          ,"channel":"chan","command":["a"]}
 "#;
         let c = parse(full);
@@ -280,7 +213,7 @@ slot 1024
             assert!(c.record.is_none(), "{cut}");
         }
         assert!(parse(b"chan\n").record.is_none());
-        let no_hint = parse(b"chan\nslot -                   \n");
-        assert_eq!((no_hint.hint, no_hint.slot_line, no_hint.has_tail), (None, Some(5), false));
+        let no_hint = parse(format!("chan\nat {:<20}\n", "-").as_bytes());
+        assert_eq!((no_hint.hint, no_hint.hint_line, no_hint.has_tail), (None, Some(5), false));
     }
 }

@@ -24,11 +24,12 @@
 //! anybody may still wait on it. The channel lock stays the sole authority for mutual
 //! exclusion: a fault here can cost order, never overlap.
 
+use super::dir::{self, Refused};
 use crate::procfs::{FileId, file_id};
 use crate::store::Waiter;
 use anyhow::Context;
 use rustix::fd::{AsFd, OwnedFd};
-use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::fs::{AtFlags, FlockOperation, OFlags};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::fs::File;
@@ -72,16 +73,12 @@ fn ticket_name(seq: u64) -> String {
 }
 
 impl QueueDir {
-    pub fn open(queues: &OwnedFd, stem: &str) -> anyhow::Result<QueueDir> {
-        let dir = super::subdir(queues, stem)
-            .with_context(|| format!("cannot open the queue folder queue/{stem}"))?;
-        Ok(QueueDir { dir })
+    pub fn new(dir: OwnedFd) -> QueueDir {
+        QueueDir { dir }
     }
 
-    /// The queue folder if it exists (`status` creates nothing).
-    pub fn open_existing(queues: &OwnedFd, stem: &str) -> rustix::io::Result<QueueDir> {
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        Ok(QueueDir { dir: rustix::fs::openat(queues, stem, flags, Mode::empty())? })
+    pub fn fd(&self) -> &OwnedFd {
+        &self.dir
     }
 
     /// The live waiters in queue order, for `status`: from the kernel's lock table when
@@ -90,14 +87,7 @@ impl QueueDir {
     pub fn waiters(&self, held: Option<&HashMap<FileId, u32>>) -> Vec<Waiter> {
         let mut waiters = Vec::new();
         for seq in self.tickets().unwrap_or_default() {
-            let Ok(fd) = rustix::fs::openat(
-                &self.dir,
-                ticket_name(seq),
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-                Mode::empty(),
-            ) else {
-                continue;
-            };
+            let Ok(fd) = dir::file(&self.dir, &ticket_name(seq), OFlags::RDONLY) else { continue };
             let live = match held {
                 Some(table) => rustix::fs::fstat(&fd).is_ok_and(|st| table.contains_key(&file_id(&st))),
                 None => {
@@ -105,7 +95,7 @@ impl QueueDir {
                 }
             };
             if live {
-                waiters.push(parse_ticket(&File::from(fd)));
+                waiters.push(parse_ticket(&fd));
             }
         }
         waiters
@@ -132,18 +122,6 @@ impl QueueDir {
         }
     }
 
-    /// Whether the folder is still `queues/<stem>` (clean-up removes an idle channel's
-    /// folder while holding its registration lock; whoever then gets that lock on the
-    /// removed folder must start over in a new one).
-    pub fn still_linked(&self, queues: &OwnedFd, stem: &str) -> bool {
-        let (Ok(open), Ok(named)) =
-            (rustix::fs::fstat(&self.dir), rustix::fs::statat(queues, stem, AtFlags::SYMLINK_NOFOLLOW))
-        else {
-            return false;
-        };
-        (open.st_dev, open.st_ino) == (named.st_dev, named.st_ino)
-    }
-
     /// For clean-up: takes the registration lock without waiting, and keeps it for as
     /// long as this value lives (closing the folder releases it).
     pub fn hold_registration(&self) -> rustix::io::Result<bool> {
@@ -155,12 +133,11 @@ impl QueueDir {
     }
 
     /// For clean-up, holding the registration lock with no live ticket: removes the
-    /// dead tickets and the folder itself.
-    pub fn remove(&self, queues: &OwnedFd, stem: &str) {
+    /// dead tickets (the folder is removed by its owner, `ChannelFiles`).
+    pub fn remove_tickets(&self) {
         for seq in self.tickets().unwrap_or_default() {
             let _ = rustix::fs::unlinkat(&self.dir, ticket_name(seq), AtFlags::empty());
         }
-        let _ = rustix::fs::unlinkat(queues, stem, AtFlags::REMOVEDIR);
     }
 
     /// Ticket numbers present in the folder, ascending (live or not yet cleaned).
@@ -194,15 +171,10 @@ impl QueueDir {
     /// Whether `seq`'s owner still holds it; a dead ticket is unlinked.
     fn is_live(&self, seq: u64) -> rustix::io::Result<bool> {
         let name = ticket_name(seq);
-        let fd = match rustix::fs::openat(
-            &self.dir,
-            &name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-        ) {
+        let fd = match dir::file(&self.dir, &name, OFlags::RDONLY) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(false),
-            Err(e) => return Err(e),
+            Err(Refused::Os(Errno::NOENT)) => return Ok(false),
+            Err(e) => return Err(ticket_error(e)),
         };
         match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockShared) {
             Ok(()) => {
@@ -217,17 +189,16 @@ impl QueueDir {
     /// Step 3's ticket: numbered above every ticket present.
     pub fn take_ticket(&self, _reg: &Registration, above: Option<u64>) -> anyhow::Result<Ticket> {
         let mut seq = above.map_or(1, |s| s + 1);
-        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = loop {
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
+        let mut file = loop {
             // A dead ticket that could not be removed may sit above the live ones.
-            match rustix::fs::openat(&self.dir, ticket_name(seq), flags, Mode::from_raw_mode(0o600)) {
-                Err(Errno::EXIST) => seq += 1,
-                other => break other.context("cannot create a queue ticket")?,
+            match dir::file(&self.dir, &ticket_name(seq), flags) {
+                Err(Refused::Os(Errno::EXIST)) => seq += 1,
+                other => break other.map_err(ticket_error).context("cannot create a queue ticket")?,
             }
         };
-        rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive)
+        rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive)
             .context("cannot lock a new queue ticket")?;
-        let mut file = File::from(fd);
         let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
         // Only `status` reads this; a failed write just shows an unknown waiter.
         let _ = writeln!(file, "{} {}", std::process::id(), since);
@@ -242,15 +213,10 @@ impl QueueDir {
     /// Step 4: blocks until `seq`'s owner is gone, then removes its ticket.
     pub fn wait_for(&self, seq: u64) -> rustix::io::Result<()> {
         let name = ticket_name(seq);
-        let fd = match rustix::fs::openat(
-            &self.dir,
-            &name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-        ) {
+        let fd = match dir::file(&self.dir, &name, OFlags::RDONLY) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(Refused::Os(Errno::NOENT)) => return Ok(()),
+            Err(e) => return Err(ticket_error(e)),
         };
         loop {
             match rustix::fs::flock(&fd, FlockOperation::LockShared) {
@@ -269,13 +235,16 @@ impl QueueDir {
     }
 
     fn unlink_if_same(&self, name: &str, fd: impl AsFd) {
-        let (Ok(open), Ok(named)) =
-            (rustix::fs::fstat(&fd), rustix::fs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW))
-        else {
-            return;
-        };
-        if (open.st_dev, open.st_ino) == (named.st_dev, named.st_ino) {
+        if dir::same_file(&self.dir, name, fd) {
             let _ = rustix::fs::unlinkat(&self.dir, name, AtFlags::empty());
         }
+    }
+}
+
+/// A ticket that is not a plain file of ours: the queue folder was tampered with.
+fn ticket_error(e: Refused) -> Errno {
+    match e {
+        Refused::Os(e) => e,
+        Refused::Link | Refused::Kind | Refused::Unsafe(_) => Errno::INVAL,
     }
 }

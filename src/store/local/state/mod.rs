@@ -35,9 +35,12 @@
 //! starts. Readers of the whole file (`status`, `jq`) may meet a record mid-update;
 //! `status` re-reads such a slot.
 
-use super::slots::{self, Header, Slot};
+mod layout;
+
+use crate::control::Control;
 use crate::state::{ChannelRecord, StateFile, VERSION};
 use anyhow::{Context, bail};
+use layout::{self as slots, Header, Slot};
 use rustix::fd::OwnedFd;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
@@ -53,9 +56,13 @@ pub enum Loaded {
     Damaged(String),
 }
 
-pub struct StateFiles<'a> {
-    pub dir: &'a OwnedFd,
-    pub path: &'a Path,
+pub struct ActiveFile<'a> {
+    dir: &'a OwnedFd,
+    path: &'a Path,
+    /// How waits for the state's locks end early (signals); `None` for readers that
+    /// never wait.
+    #[allow(dead_code)]
+    control: Option<&'static Control>,
 }
 
 /// What `active.json` is right now.
@@ -97,7 +104,11 @@ struct Found {
     record: ChannelRecord,
 }
 
-impl StateFiles<'_> {
+impl<'a> ActiveFile<'a> {
+    pub fn new(dir: &'a super::dir::StateDir, control: Option<&'static Control>) -> ActiveFile<'a> {
+        ActiveFile { dir: &dir.fd, path: &dir.path, control }
+    }
+
     /// The whole state, for `status`: streamed slot by slot; never repairs anything.
     pub fn load(&self) -> anyhow::Result<Loaded> {
         match self.load_unlocked()? {

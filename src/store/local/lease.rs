@@ -1,0 +1,105 @@
+//! A held channel of the local store: its locked lock file, the holder record in it,
+//! and the channel's record in `active.json`, read and written by this holder only.
+
+use super::files::ChannelFiles;
+use super::lock::{self, Fields};
+use crate::control::Control;
+use crate::state::ChannelRecord;
+use crate::store::{Holder, Lease, WriteError};
+use anyhow::Context;
+use std::fs::File;
+use std::os::fd::RawFd;
+
+pub struct LocalLease {
+    files: ChannelFiles,
+    /// The lock file, locked.
+    file: File,
+    /// `None` if the header could not be written: then nothing more is written there.
+    header_len: Option<u64>,
+    fields: Option<Fields>,
+    /// Where the channel's record is in `active.json`, and what the lock file says.
+    hint: Option<u64>,
+    hint_written: Option<u64>,
+    control: &'static Control,
+}
+
+impl LocalLease {
+    /// The locked file becomes a lease once its name is checked and what a previous
+    /// holder left is gone.
+    pub fn take(files: ChannelFiles, file: File, control: &'static Control) -> anyhow::Result<LocalLease> {
+        let contents = lock::read(&file).context("cannot read the lock file")?;
+        // Without its header (a full disk) the lock still excludes; the run goes on
+        // without a holder record, as a bot should still answer.
+        let header_len = lock::claim_name(&file, files.channel.name(), &contents)?;
+        if let Some(left) = contents.record.as_ref().and_then(|r| r.leftover()) {
+            crate::orphans::kill(&left);
+        }
+        if let (true, Some(len)) = (contents.has_tail, header_len) {
+            file.set_len(len).context("cannot clear the previous holder record")?;
+        }
+        Ok(LocalLease {
+            files,
+            file,
+            header_len,
+            fields: None,
+            hint: contents.hint,
+            hint_written: contents.hint,
+            control,
+        })
+    }
+}
+
+impl Lease for LocalLease {
+    fn announce(&mut self, holder: &Holder) -> anyhow::Result<()> {
+        if let Some(header_len) = self.header_len {
+            self.fields = Some(lock::announce(&self.file, header_len, self.files.channel.name(), holder)?);
+        }
+        Ok(())
+    }
+
+    fn pid_field(&self) -> Option<(RawFd, u64, usize)> {
+        self.fields.map(|f| lock::pid_field(&self.file, f))
+    }
+
+    fn command_started(&mut self, pid: u32, ticks: u64) {
+        if let Some(fields) = self.fields {
+            lock::write_spawned(&self.file, fields, pid, ticks);
+        }
+    }
+
+    fn record(&mut self) -> anyhow::Result<ChannelRecord> {
+        let state = self.files.folders.active(self.control);
+        let (record, hint) = state.read_channel(self.files.channel.name(), self.hint)?;
+        self.hint = hint.or(self.hint);
+        Ok(record)
+    }
+
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), WriteError> {
+        let state = self.files.folders.active(self.control);
+        self.hint = state.update_channel(self.files.channel.name(), self.hint, change)?;
+        Ok(())
+    }
+
+    fn record_run(
+        &mut self,
+        change: &mut dyn FnMut(&mut ChannelRecord),
+        entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
+    ) -> (Result<(), WriteError>, anyhow::Result<()>) {
+        // The history gets the run even when active.json could not take it.
+        let mut after = ChannelRecord::default();
+        let recorded = self.update(&mut |r| {
+            change(r);
+            after = r.clone();
+        });
+        (recorded, self.files.append_history(&entry(&after)))
+    }
+
+    fn release(self: Box<Self>) -> anyhow::Result<()> {
+        let Some(header_len) = self.header_len else { return Ok(()) };
+        if self.hint != self.hint_written {
+            let _ = lock::write_hint(&self.file, header_len, self.hint);
+        }
+        self.file.set_len(header_len).context("cannot clear the holder record")?;
+        Ok(())
+    }
+}
