@@ -150,7 +150,6 @@ impl Control {
     /// forwarded signal, whichever comes first. An answer that comes after the caller gave
     /// up is dropped (a lock it holds is released with it); a helper left blocked stays
     /// so until the process exits.
-    #[allow(dead_code)] // used by the state's lock waits, in the next step
     pub fn wait_for<T: Send + 'static>(
         &self,
         deadline: Option<Instant>,

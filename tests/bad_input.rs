@@ -121,7 +121,7 @@ fn arbitrary_channel_names_get_distinct_lock_files_inside_locks_or_exit_125() {
     }
     let top: BTreeSet<String> = list(env.state()).into_iter().collect();
     let allowed: BTreeSet<String> =
-        ["active.json", "history", "locks", "queue"].iter().map(|s| s.to_string()).collect();
+        ["active.idx", "active.json", "history", "locks", "queue"].iter().map(|s| s.to_string()).collect();
     assert!(top.is_subset(&allowed), "the state directory holds {top:?}");
     assert_eq!(list(env.root()), ["home", "state", "t"], "nothing escaped the state directory");
     let file_of = file_of.into_inner();

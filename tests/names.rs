@@ -44,7 +44,7 @@ fn path_like_names_stay_inside_locks_and_get_distinct_files() {
     assert_eq!(lock_names(&env), want, "each lock file names its channel");
     assert_eq!(
         list(env.state()),
-        ["active.json", "history", "locks", "queue"],
+        ["active.idx", "active.json", "history", "locks", "queue"],
         "nothing escaped into the state directory"
     );
     assert_eq!(list(env.root()), ["home", "state", "t"], "nothing escaped above it");

@@ -7,7 +7,8 @@
 //!
 //! Updating an existing channel's record is an in-place rewrite of its slot that needs
 //! no new space, so it may succeed on a full disk: there the check is "recorded
-//! correctly, or the file intact and a warning".
+//! correctly, or the file intact and a warning". (The index, `active.idx`, is written
+//! in place too; where it cannot be, the run is not recorded, and the warning says so.)
 
 use crate::common::*;
 
@@ -76,21 +77,22 @@ fn recorded_or_intact(env: &TestEnv, before: &[u8], out: &Outcome, channel: &str
     eprintln!("write failures: {channel}'s run recorded correctly");
 }
 
-/// a and b: 512 (header) + 2 × 512 + 3 bytes.
+/// a and b: the header (512), fillers to the first slot (4 KiB, a's), b's slot at
+/// 8192..8704, and the closing 3 bytes.
 fn two_channels(env: &TestEnv) -> Vec<u8> {
     env.run(&["-c", "a"], &["true"]).assert().success();
     env.run(&["-c", "b"], &["true"]).assert().success();
     let bytes = active(env);
-    assert_eq!(bytes.len(), 1539, "test premise: the layout's size");
+    assert_eq!(bytes.len(), 8707, "test premise: the layout's size");
     bytes
 }
 
 #[test]
 fn file_size_limit_new_channel_not_recorded_status_kept_file_intact() {
-    // Limit 2048 bytes: the file (1539) fits, the new record (to 2051) does not.
+    // Limit 8704 bytes: the records in place fit, the new record (at 8704) does not.
     let env = TestEnv::new();
     let before = two_channels(&env);
-    let out = limited(&env, 4, "new", "echo ran; exit 7");
+    let out = limited(&env, 17, "new", "echo ran; exit 7");
     out.assert_code(7);
     assert_eq!(out.stdout(), "ran\n");
     assert_not_recorded_warning(&out, "File too large");
@@ -106,18 +108,18 @@ fn file_size_limit_new_channel_not_recorded_status_kept_file_intact() {
 fn file_size_limit_existing_channel_recorded_or_intact() {
     let env = TestEnv::new();
     let before = two_channels(&env);
-    let out = limited(&env, 4, "a", "exit 5");
+    let out = limited(&env, 17, "a", "exit 5");
     out.assert_code(5);
     recorded_or_intact(&env, &before, &out, "a", 5, "File too large");
 }
 
 #[test]
 fn file_size_limit_record_that_must_move_not_recorded_file_intact() {
-    // A record that outgrows its slot is moved by a whole-file rewrite (temp file,
-    // rename), which the limit stops.
+    // A record that outgrows its slot moves to a new line at the end, which the limit
+    // stops before anything is written.
     let env = TestEnv::new();
     let before = two_channels(&env);
-    let out = limited(&env, 4, "a", &format!("{}; exit 6", prints_session('s', 1000)));
+    let out = limited(&env, 17, "b", &format!("{}; exit 6", prints_session('s', 1000)));
     out.assert_code(6);
     assert_not_recorded_warning(&out, "File too large");
     assert!(active(&env) == before, "active.json changed");
@@ -126,13 +128,13 @@ fn file_size_limit_record_that_must_move_not_recorded_file_intact() {
 
 #[test]
 fn file_size_limit_first_record_not_recorded_status_kept() {
-    // No active.json yet; the limit (1024) lets the lock file be written but not a
-    // state file (1027 bytes).
+    // No active.json yet; the limit (1024) lets the lock file and an empty state file
+    // be written, but neither the index nor the first record (at 4096).
     let env = TestEnv::new();
     let out = limited(&env, 2, "first", "exit 9");
     out.assert_code(9);
     assert_not_recorded_warning(&out, "File too large");
-    assert!(!env.state().join("active.json").exists());
+    assert_eq!(runs_in(state_json(&env).as_ref(), "first"), 0);
     assert!(stray_temp_files(&env).is_empty(), "{:?}", list(env.state()));
     env.run(&["-c", "first", "-n"], &["true"]).assert().success();
 }
@@ -152,10 +154,10 @@ fn file_size_limit_hand_written_state_is_not_converted_and_kept() {
 
 #[test]
 fn file_size_limit_below_the_files_size_keeps_the_file_intact() {
-    // Limit 1536 bytes, the file is 1539: the append fails at once (EFBIG at the end).
+    // Limit 8192 bytes, the file is 8707: the append fails at once (EFBIG at the end).
     let env = TestEnv::new();
     let before = two_channels(&env);
-    let out = limited(&env, 3, "new", "exit 7");
+    let out = limited(&env, 16, "new", "exit 7");
     out.assert_code(7);
     assert_not_recorded_warning(&out, "File too large");
     assert!(active(&env) == before, "active.json changed: ends with {:?}", tail_text(&active(&env)));
@@ -163,14 +165,14 @@ fn file_size_limit_below_the_files_size_keeps_the_file_intact() {
 
 #[test]
 fn file_size_limit_through_a_slot_never_tears_the_record() {
-    // c's record (a 600-byte session id) sits in a 1024-byte slot at 1024..2048; the
-    // limit (1536) cuts through it. The next run prints a new id of the same length.
+    // c's record (a 600-byte session id) sits in a 1024-byte slot at 8192..9216; the
+    // limit (8704) cuts through it. The next run prints a new id of the same length.
     let env = TestEnv::new();
     env.run(&["-c", "a"], &["true"]).assert().success();
     env.run(&["-c", "c"], &sh(&prints_session('A', 600))).assert().success();
     let before = active(&env);
-    assert_eq!(before.len(), 2051, "test premise: c's slot is 1024..2048");
-    let out = limited(&env, 3, "c", &format!("{}; exit 7", prints_session('B', 600)));
+    assert_eq!(before.len(), 9219, "test premise: c's slot is 8192..9216");
+    let out = limited(&env, 17, "c", &format!("{}; exit 7", prints_session('B', 600)));
     out.assert_code(7);
     let state = state_json(&env).expect("active.json parses");
     let id = state["channels"]["c"]["session_id"].as_str().unwrap_or_default().to_owned();
@@ -208,10 +210,11 @@ impl FullDisk {
 }
 
 /// Mounts a 64 KiB tmpfs inside `unshare -m`, makes a state directory there with
-/// channels a-f (active.json: 7 × 512 + 3 bytes, one page) and the lock file of
-/// channel `new` (`reset` makes it, and no record), fills the disk, and runs: `new`
-/// (its record would need a second page), `a` (in place), and `b` whose record must
-/// move to a bigger slot (a whole-file rewrite). Copies out what the checks need.
+/// channels a-h (active.json: a's 4 KiB first slot at 4096, seven 512-byte slots from
+/// 8192, ending at 11779, inside its third page) and the lock file of channel `new`
+/// (`reset` makes it, and no record), fills the disk, and runs: `new` (its record would
+/// need a fourth page), `a` (in place), and `b` whose record must move to a bigger slot
+/// (a new line at the end, in that fourth page). Copies out what the checks need.
 /// `None` where mounting is not allowed.
 fn full_disk() -> Option<FullDisk> {
     let can_mount = std::process::Command::new("unshare")
@@ -228,7 +231,7 @@ fn full_disk() -> Option<FullDisk> {
     M="$T/small"; S="$M/state"
     mkdir "$M" && mount -t tmpfs -o size=64k,mode=700 tmpfs "$M" || exit 90
     r() { "$B" --state-dir "$S" run "$@"; }
-    for c in a b c d e f; do r -c $c -- true || exit 91; done
+    for c in a b c d e f g h; do r -c $c -- true || exit 91; done
     "$B" --state-dir "$S" reset new || exit 92
     cp "$S/active.json" "$T/before.json"
     cat /dev/zero > "$M/fill" 2>/dev/null
@@ -254,7 +257,7 @@ fn full_disk() -> Option<FullDisk> {
 fn full_disk_new_channel_not_recorded_status_kept_file_intact() {
     let Some(disk) = full_disk() else { return };
     let before = disk.bytes("before.json");
-    assert_eq!(before.len(), 7 * 512 + 3, "test premise: the layout's size");
+    assert_eq!(before.len(), 11779, "test premise: the layout's size");
     assert!(
         disk.env.read("df").contains(" 100% "),
         "test premise: the disk is full: {}",

@@ -25,10 +25,15 @@ pub fn reset(store: &dyn Store, args: ResetArgs, control: &'static Control) -> a
     };
     lease.announce(&holder)?;
     let mut forgotten = None;
-    lease.update(&mut |record| {
+    let forgot = lease.update(&mut |record| {
         forgotten = record.session_id.clone();
         record.forget_session();
-    })?;
+    });
+    match forgot {
+        Ok(()) => {}
+        Err(crate::store::RecordError::Interrupted(sig)) => return Ok(ExitCode::Signal(sig)),
+        Err(e) => return Err(e.into()),
+    }
     lease.release()?;
     match forgotten {
         Some(id) => crate::ui::say(format_args!(

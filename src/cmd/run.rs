@@ -7,7 +7,7 @@ use crate::cli::RunArgs;
 use crate::control::Control;
 use crate::exit_code::ExitCode;
 use crate::state::{ChannelRecord, RunResult};
-use crate::store::{Holder, Lease, Store, WriteError};
+use crate::store::{Holder, Lease, RecordError, Store};
 use crate::supervise::{self, Plan};
 use crate::ui;
 use std::ffi::OsString;
@@ -20,7 +20,13 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         Ok(lease) => lease,
         Err(code) => return Ok(code),
     };
-    let record = lease.record()?;
+    let record = match lease.record() {
+        Ok(record) => record,
+        Err(RecordError::Interrupted(sig)) => return Ok(ExitCode::Signal(sig)),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot read channel {channel}'s record")));
+        }
+    };
     let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
     let session = record.session_id.clone().filter(|_| !args.no_session);
     warn_if_elsewhere(&channel, &record, session.is_some(), cwd.as_deref());
@@ -75,7 +81,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let (recorded, logged) = lease.record_run(&mut |r| r.apply(result.clone()), &mut entry);
     match recorded {
         Ok(()) => {}
-        Err(WriteError::LockLost(lost)) => {
+        Err(RecordError::LockLost(lost)) => {
             // Another run may have overlapped this one: the caller must know, whatever
             // the command's own status was.
             let status = outcome::command_status(&finished)
@@ -84,8 +90,13 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
             ui::say(format_args!("channel {channel}: {lost}{status}"));
             return Ok(ExitCode::LockLost);
         }
-        Err(WriteError::Failed(e)) => {
-            ui::warn(format!("the run was not recorded in active.json ({e:#}); exit status kept"));
+        Err(RecordError::Interrupted(sig)) => {
+            ui::warn(format!("signal {sig} came while waiting to record the run: it was not recorded"));
+            release(lease);
+            return Ok(ExitCode::Signal(sig));
+        }
+        Err(RecordError::Failed(e)) => {
+            ui::warn(format!("the run was not recorded ({e:#}); exit status kept"));
         }
     }
     if let Err(e) = logged {

@@ -28,13 +28,17 @@ pub enum Wait {
 #[error("lock lost, state not written: {0}")]
 pub struct LockLost(pub String);
 
-/// Why a write of the channel's record did not happen.
+/// Why the channel's record could not be read or written.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub enum RecordError {
     /// The lease is no longer proven: another run may have overlapped this one.
     #[error(transparent)]
     LockLost(#[from] LockLost),
-    /// The write failed (disk full, I/O error, the server refused): the lock still held.
+    /// A forwarded signal arrived while waiting to read or write it.
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
+    /// The read or write failed (disk full, I/O error, the server refused, a lock held
+    /// too long by another): the lock still held.
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
@@ -154,9 +158,9 @@ pub trait Lease {
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
     /// The channel's stored record (a damaged state file is moved aside, with a warning).
-    fn record(&mut self) -> anyhow::Result<ChannelRecord>;
+    fn record(&mut self) -> Result<ChannelRecord, RecordError>;
     /// Changes the channel's record in the serialized read-modify-write.
-    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), WriteError>;
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), RecordError>;
     /// The fencing token of this lease, if the store hands them out: it strictly grows
     /// from one holder to the next, so what the command writes elsewhere can be tagged
     /// with it and a stale holder's writes refused (`CHAN_RUN_FENCE`).
@@ -177,7 +181,7 @@ pub trait Lease {
         &mut self,
         change: &mut dyn FnMut(&mut ChannelRecord),
         entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
-    ) -> (Result<(), WriteError>, anyhow::Result<()>);
+    ) -> (Result<(), RecordError>, anyhow::Result<()>);
     /// The clean end: the command is gone; clears the holder record and unlocks.
     fn release(self: Box<Self>) -> anyhow::Result<()>;
 }

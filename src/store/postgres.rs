@@ -65,8 +65,8 @@
 //!    history are committed or not, together; the lock goes with the connection.
 
 use super::{
-    AcquireError, ChannelStatus, GcItem, Holder, HolderView, Lease, LockLost, Store, Wait, WaitNote, Waiter,
-    WriteError,
+    AcquireError, ChannelStatus, GcItem, Holder, HolderView, Lease, LockLost, RecordError, Store, Wait,
+    WaitNote, Waiter,
 };
 use crate::channel::Channel;
 use crate::control::{Control, LockLostAlarm};
@@ -904,7 +904,7 @@ impl Lease for PgLease {
         }
     }
 
-    fn record(&mut self) -> anyhow::Result<ChannelRecord> {
+    fn record(&mut self) -> Result<ChannelRecord, RecordError> {
         Ok(self.record.clone())
     }
 
@@ -916,7 +916,7 @@ impl Lease for PgLease {
         Some(LOST_GRACE)
     }
 
-    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), WriteError> {
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), RecordError> {
         self.write(change, None).map_err(write_error)
     }
 
@@ -924,7 +924,7 @@ impl Lease for PgLease {
         &mut self,
         change: &mut dyn FnMut(&mut ChannelRecord),
         entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
-    ) -> (Result<(), WriteError>, anyhow::Result<()>) {
+    ) -> (Result<(), RecordError>, anyhow::Result<()>) {
         (self.write(change, Some(entry)).map_err(write_error), Ok(()))
     }
 
@@ -962,10 +962,10 @@ impl Lease for PgLease {
 }
 
 /// A failed write: lock lost (typed), or a plain failure.
-fn write_error(e: anyhow::Error) -> WriteError {
+fn write_error(e: anyhow::Error) -> RecordError {
     match e.downcast::<LockLost>() {
-        Ok(lost) => WriteError::LockLost(lost),
-        Err(e) => WriteError::Failed(e),
+        Ok(lost) => RecordError::LockLost(lost),
+        Err(e) => RecordError::Failed(e),
     }
 }
 

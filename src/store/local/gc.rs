@@ -9,7 +9,7 @@ use super::Folders;
 use super::files::{self, ChannelFiles};
 use super::lock;
 use super::queue::QueueDir;
-use super::state::Loaded;
+use super::state::{Held, Hint, Loaded};
 use crate::channel::Channel;
 use crate::control::Control;
 use crate::state::ChannelRecord;
@@ -59,7 +59,7 @@ pub fn gc(
             continue;
         }
         let names: Vec<String> = holds.iter().map(|h| h.files.channel.name().to_owned()).collect();
-        folders.active(control).remove(&names)?;
+        folders.active(control).remove(&names).map_err(anyhow::Error::new)?;
         for hold in holds {
             hold.files.remove_history();
             hold.files.remove_lock(&hold.file);
@@ -68,7 +68,46 @@ pub fn gc(
             }
         }
     }
+    if !dry_run {
+        let compacted = folders.active(control).compact(&mut |name| hold_to_move(folders, name))?;
+        if compacted.moved > 0 || compacted.after < compacted.before {
+            crate::ui::say(format_args!(
+                "compacted active.json from {} to {} bytes ({} records moved)",
+                compacted.before, compacted.after, compacted.moved
+            ));
+        }
+    }
     Ok(items)
+}
+
+/// A channel's lock taken without waiting, so compaction may move its record: `None`
+/// if it is busy (or gone).
+fn hold_to_move(folders: &Arc<Folders>, name: &str) -> Option<Held> {
+    let files = ChannelFiles::new(folders, &Channel::new(name).ok()?);
+    let file = files.open_lock().ok()?;
+    file.try_lock().ok()?;
+    if !files.still_names(&file) {
+        return None;
+    }
+    let contents = lock::read(&file).ok()?;
+    let header_len = lock::claim_name(&file, name, &contents).ok()??;
+    Some(Box::new(MovingHint { file, header_len }))
+}
+
+/// The lock file of a channel whose record compaction moves.
+struct MovingHint {
+    file: File,
+    header_len: u64,
+}
+
+impl Hint for MovingHint {
+    fn get(&self) -> Option<u64> {
+        None
+    }
+
+    fn set(&mut self, at: Option<u64>, _durable: bool) -> std::io::Result<()> {
+        lock::write_hint(&self.file, self.header_len, at)
+    }
 }
 
 /// Channels idle for longer than `idle_for`: those with a record whose last run ended
@@ -117,7 +156,10 @@ fn hold(
         Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
     }
     let contents = lock::read(&file)?;
-    let (record, _) = folders.active(control).read_channel(files.channel.name(), contents.hint)?;
+    let (record, _) = folders
+        .active(control)
+        .read_channel(files.channel.name(), contents.hint)
+        .map_err(anyhow::Error::new)?;
     if idle_since(&record).is_some_and(|idle| idle <= idle_for) {
         return Ok(Err("ran since"));
     }

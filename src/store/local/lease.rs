@@ -3,9 +3,10 @@
 
 use super::files::ChannelFiles;
 use super::lock::{self, Fields};
+use super::state::Hint;
 use crate::control::Control;
 use crate::state::ChannelRecord;
-use crate::store::{Holder, Lease, WriteError};
+use crate::store::{Holder, Lease, RecordError};
 use anyhow::Context;
 use std::fs::File;
 use std::os::fd::RawFd;
@@ -67,24 +68,25 @@ impl Lease for LocalLease {
         }
     }
 
-    fn record(&mut self) -> anyhow::Result<ChannelRecord> {
-        let state = self.files.folders.active(self.control);
-        let (record, hint) = state.read_channel(self.files.channel.name(), self.hint)?;
+    fn record(&mut self) -> Result<ChannelRecord, RecordError> {
+        let folders = std::sync::Arc::clone(&self.files.folders);
+        let (record, hint) =
+            folders.active(self.control).read_channel(self.files.channel.name(), self.hint)?;
         self.hint = hint.or(self.hint);
         Ok(record)
     }
 
-    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), WriteError> {
-        let state = self.files.folders.active(self.control);
-        self.hint = state.update_channel(self.files.channel.name(), self.hint, change)?;
-        Ok(())
+    fn update(&mut self, change: &mut dyn FnMut(&mut ChannelRecord)) -> Result<(), RecordError> {
+        let folders = std::sync::Arc::clone(&self.files.folders);
+        let name = self.files.channel.name().to_owned();
+        folders.active(self.control).update_channel(&name, self, change)
     }
 
     fn record_run(
         &mut self,
         change: &mut dyn FnMut(&mut ChannelRecord),
         entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
-    ) -> (Result<(), WriteError>, anyhow::Result<()>) {
+    ) -> (Result<(), RecordError>, anyhow::Result<()>) {
         // The history gets the run even when active.json could not take it.
         let mut after = ChannelRecord::default();
         let recorded = self.update(&mut |r| {
@@ -100,6 +102,24 @@ impl Lease for LocalLease {
             let _ = lock::write_hint(&self.file, header_len, self.hint);
         }
         self.file.set_len(header_len).context("cannot clear the holder record")?;
+        Ok(())
+    }
+}
+
+/// The hint lives in the lock file's `at` line: written at release, or at once when a
+/// move makes the old one dangerous to keep.
+impl Hint for LocalLease {
+    fn get(&self) -> Option<u64> {
+        self.hint
+    }
+
+    fn set(&mut self, at: Option<u64>, durable: bool) -> std::io::Result<()> {
+        self.hint = at;
+        if let (true, Some(header_len)) = (durable, self.header_len) {
+            lock::write_hint(&self.file, header_len, at)?;
+            self.file.sync_data()?;
+            self.hint_written = at;
+        }
         Ok(())
     }
 }

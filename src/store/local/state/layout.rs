@@ -2,33 +2,47 @@
 //! while the file stays one valid JSON document that any reader can parse:
 //!
 //! ```text
-//! {"version":1,"layout":"chan-run-slots-1","channels":{      <spaces to 512·n - 1>\n
-//!  "discord:1":{"session_id":"…","runs":3,…}                 <spaces to the slot end>\n
-//! ,"slack:C01":{…}                                           <spaces>\n
-//!                                                            <a filler slot: spaces>\n
+//! {"version":1,"layout":"chan-run-slots-2","epoch":"…","channels":{   <spaces to 512·n - 1>\n
+//!  "discord:1":{"session_id":"…","runs":3,…}                          <spaces to 4096>\n
+//! ,"slack:C01":{…}                                                    <spaces to the slot end>\n
+//!                                                                     <a filler: spaces>\n
 //! }}
 //! ```
 //!
-//! Each record is one line, a *slot* of 512·2^k bytes aligned to its own size, so a slot
-//! of up to 4 KiB never straddles a page (a killed process cannot leave it half written)
-//! and a 512-byte one is a single disk sector. The first member's separator is a space,
-//! every later one's a comma; fillers are all spaces. JSON allows whitespace between
-//! tokens, so padding and fillers are invisible to readers.
+//! Each record is one line, a *slot* of 512·2^k bytes (at most 4 KiB) aligned to its own
+//! size, so a slot never straddles a memory page and a killed process cannot leave one
+//! half written; a record that would need more is refused. The first member's slot is
+//! always 4 KiB, so it never outgrows its place. The first member's separator is a
+//! space, every later one's a comma; fillers are all spaces, and JSON allows whitespace
+//! between tokens, so padding and fillers are invisible to readers. A key may appear on
+//! more than one line (the first member line may be the placeholder `"K":{}` of a key
+//! that appears again further on, and a run killed mid-move leaves an older copy): the
+//! line furthest into the file is the record, for chan-run as for any JSON reader (the
+//! last of duplicate keys wins). `epoch` names this file's version of the layout for
+//! the index (`active.idx`): a file rewritten whole gets a new one.
+//!
+//! Layout 1 (before the index: no epoch, no placeholders, slots up to 64 KiB) is read as
+//! this one; a chan-run that knows only layout 1 reads this one as plain JSON (last key
+//! wins) and converts it, so mixing versions loses nothing.
 
 use crate::state::{ChannelRecord, VERSION};
 use serde_json::{Map, Value};
 
 pub const UNIT: u64 = 512;
-/// The biggest slot; a record that needs more is refused.
-pub const MAX_SLOT: u64 = 64 * 1024;
-pub const LAYOUT: &str = "chan-run-slots-1";
+/// The biggest slot: one page.
+pub const MAX_SLOT: u64 = 4096;
+/// The biggest slot a file written by an earlier chan-run may hold (read, then moved).
+pub const MAX_OLD_SLOT: u64 = 64 * 1024;
+pub const LAYOUT: &str = "chan-run-slots-2";
+/// The layout before the index, read as this one.
+const OLD_LAYOUT: &str = "chan-run-slots-1";
 pub const TRAILER: &[u8] = b"}}\n";
 /// Room left in a new slot, so a record that grows a little still fits in place.
 const HEADROOM: usize = 96;
 
 /// The header line, padded to a multiple of `UNIT`.
-pub fn header(extras: &Map<String, Value>) -> Vec<u8> {
-    let mut line = format!(r#"{{"version":{VERSION},"layout":"{LAYOUT}","#);
+pub fn header(epoch: u64, extras: &Map<String, Value>) -> Vec<u8> {
+    let mut line = format!(r#"{{"version":{VERSION},"layout":"{LAYOUT}","epoch":"{epoch:016x}","#);
     for (key, value) in extras {
         line.push_str(&format!("{}:{},", Value::String(key.clone()), value));
     }
@@ -40,6 +54,8 @@ pub fn header(extras: &Map<String, Value>) -> Vec<u8> {
 pub struct Header {
     pub len: u64,
     pub version: u64,
+    /// 0 for a file written before epochs.
+    pub epoch: u64,
     pub extras: Map<String, Value>,
 }
 
@@ -54,21 +70,30 @@ pub fn parse_header(start: &[u8]) -> Option<Header> {
     let line = std::str::from_utf8(&start[..end]).ok()?.trim_end();
     let open = line.strip_suffix(r#""channels":{"#)?;
     let mut object: Map<String, Value> = serde_json::from_str(&format!(r#"{open}"channels":{{}}}}"#)).ok()?;
-    if object.get("layout")?.as_str()? != LAYOUT {
+    if ![LAYOUT, OLD_LAYOUT].contains(&object.get("layout")?.as_str()?) {
         return None;
     }
     let version = object.get("version")?.as_u64()?;
-    for key in ["version", "layout", "channels"] {
+    let epoch = match object.get("epoch") {
+        None => 0,
+        Some(e) => u64::from_str_radix(e.as_str()?, 16).ok()?,
+    };
+    for key in ["version", "layout", "epoch", "channels"] {
         object.remove(key);
     }
-    Some(Header { len, version, extras: object })
+    Some(Header { len, version, epoch, extras: object })
 }
 
 /// What one slot line (with its newline) holds.
 #[derive(Debug, PartialEq)]
 pub enum Slot {
     Filler,
-    Member { name: String, record: Box<ChannelRecord> },
+    /// A member line; `first` when its separator is the first member's space.
+    Member {
+        name: String,
+        record: Box<ChannelRecord>,
+        first: bool,
+    },
     Bad,
 }
 
@@ -80,6 +105,7 @@ pub fn parse_slot(line: &[u8]) -> Slot {
     if text.is_empty() {
         return Slot::Filler;
     }
+    let first = text.starts_with(' ');
     let Some(body) = text.strip_prefix([' ', ',']) else { return Slot::Bad };
     // Straight into the record type, with no intermediate `Value` tree.
     let Ok(map) =
@@ -89,16 +115,9 @@ pub fn parse_slot(line: &[u8]) -> Slot {
     };
     let mut entries = map.into_iter();
     match (entries.next(), entries.next()) {
-        (Some((name, record)), None) => Slot::Member { name, record: Box::new(record) },
+        (Some((name, record)), None) => Slot::Member { name, record: Box::new(record), first },
         _ => Slot::Bad,
     }
-}
-
-/// A cheap check of a slot line's shape, short of parsing it: a filler, or a separator,
-/// a key, and a closing brace before the padding.
-pub fn looks_whole(line: &[u8]) -> bool {
-    let body = line.strip_suffix(b"\n").unwrap_or(line).trim_ascii_end();
-    body.is_empty() || (matches!(body, [b' ' | b',', b'"', .., b'}']) && std::str::from_utf8(body).is_ok())
 }
 
 /// The key of a member line, if at least that much of it is readable.
@@ -106,33 +125,56 @@ pub fn key_of(line: &[u8]) -> Option<String> {
     serde_json::Deserializer::from_slice(line.get(1..)?).into_iter::<String>().next()?.ok()
 }
 
+/// `"name":` as a member line spells it after its separator.
+pub fn key_prefix(name: &str) -> Vec<u8> {
+    let mut key = serde_json::to_vec(name).expect("a string serializes");
+    key.push(b':');
+    key
+}
+
 /// The slot line for a record: separator, member, padding to `size`, newline.
 pub fn slot(first: bool, name: &str, record: &ChannelRecord, size: u64) -> Vec<u8> {
     pad(member(first, name, record), size)
 }
 
+/// The placeholder that keeps the first member line valid JSON when its record goes:
+/// `"name":{}` for a key that appears again further on.
+pub fn placeholder(name: &str, size: u64) -> Vec<u8> {
+    let mut out = vec![b' '];
+    out.extend(key_prefix(name));
+    out.extend(b"{}");
+    pad(out, size)
+}
+
 /// The member text alone (separator included), to size its slot.
 pub fn member(first: bool, name: &str, record: &ChannelRecord) -> Vec<u8> {
     let mut out = vec![if first { b' ' } else { b',' }];
-    out.extend(serde_json::to_vec(name).expect("a string serializes"));
-    out.push(b':');
+    out.extend(key_prefix(name));
     out.extend(serde_json::to_vec(record).expect("a record serializes"));
     out
 }
 
-/// The smallest slot size that holds `member_len` bytes with headroom.
-pub fn size_for(member_len: usize) -> Option<u64> {
-    let need = (member_len + 1 + HEADROOM) as u64;
+/// The slot size for `member_len` bytes with headroom (the first member's is always
+/// `MAX_SLOT`); `None` if no slot can hold it.
+pub fn size_for(member_len: usize, first: bool) -> Option<u64> {
+    if !fits(member_len, MAX_SLOT) {
+        return None;
+    }
+    if first {
+        return Some(MAX_SLOT);
+    }
+    let need = (member_len + 2 + HEADROOM) as u64;
     let mut size = UNIT;
-    while size < need {
+    while size < need && size < MAX_SLOT {
         size *= 2;
     }
-    (size <= MAX_SLOT).then_some(size)
+    Some(size)
 }
 
-/// Whether `member_len` bytes fit a slot of `size` (with its newline).
+/// Whether `member_len` bytes fit a slot of `size` with at least one space of padding
+/// and the newline (so only the trailer line ever ends in `}}`).
 pub fn fits(member_len: usize, size: u64) -> bool {
-    (member_len as u64) < size
+    (member_len as u64) + 2 <= size
 }
 
 pub fn filler(size: u64) -> Vec<u8> {
@@ -173,9 +215,10 @@ mod tests {
     fn a_laid_out_file_is_plain_json() {
         let mut extras = Map::new();
         extras.insert("by".into(), Value::from("someone"));
-        let mut file = header(&extras);
+        let mut file = header(0xabc, &extras);
         assert_eq!(file.len() as u64 % UNIT, 0);
-        file.extend(slot(true, "a\"b", &record(1), 512));
+        file.extend(placeholder("c", 4096));
+        file.extend(slot(false, "a\"b", &record(1), 512));
         file.extend(filler(512));
         file.extend(slot(false, "c", &record(2), 1024));
         file.extend(TRAILER);
@@ -183,30 +226,34 @@ mod tests {
         assert_eq!(v["version"], 1);
         assert_eq!(v["by"], "someone");
         assert_eq!(v["channels"]["a\"b"]["runs"], 1);
-        assert_eq!(v["channels"]["c"]["runs"], 2);
+        assert_eq!(v["channels"]["c"]["runs"], 2, "the last copy of a key wins");
         let h = parse_header(&file).unwrap();
-        assert_eq!((h.len, h.version, h.extras), (512, 1, extras));
+        assert_eq!((h.len, h.version, h.epoch, h.extras), (512, 1, 0xabc, extras));
     }
 
     #[test]
     fn slots_parse_back() {
         let line = slot(false, "chan", &record(7), 512);
         assert_eq!(line.len(), 512);
-        assert_eq!(parse_slot(&line), Slot::Member { name: "chan".into(), record: Box::new(record(7)) });
+        let member = Slot::Member { name: "chan".into(), record: Box::new(record(7)), first: false };
+        assert_eq!(parse_slot(&line), member);
         assert_eq!(parse_slot(&filler(512)), Slot::Filler);
         assert_eq!(parse_slot(&line[..40]), Slot::Bad);
         assert_eq!(parse_slot(b"garbage\n"), Slot::Bad);
         assert_eq!(parse_slot(b" \"a\":{},\"b\":{}\n"), Slot::Bad);
-        assert!(looks_whole(&line) && looks_whole(&filler(512)));
-        assert!(!looks_whole(&line[..40]) && !looks_whole(b"garbage\n"));
+        let hold = Slot::Member { name: "k".into(), record: Box::default(), first: true };
+        assert_eq!(parse_slot(&placeholder("k", 4096)), hold);
+        assert_eq!(key_of(&line).as_deref(), Some("chan"));
     }
 
     #[test]
     fn sizes_and_alignment() {
-        assert_eq!(size_for(10), Some(512));
-        assert_eq!(size_for(500), Some(1024));
-        assert_eq!(size_for(70_000), None);
-        assert!(fits(511, 512) && !fits(512, 512));
+        assert_eq!(size_for(10, false), Some(512));
+        assert_eq!(size_for(10, true), Some(4096));
+        assert_eq!(size_for(500, false), Some(1024));
+        assert_eq!(size_for(4094, false), Some(4096));
+        assert_eq!(size_for(4095, false), None);
+        assert!(fits(510, 512) && !fits(511, 512));
         assert_eq!((align(512, 1024), align(1024, 1024), align(1536, 512)), (1024, 1024, 1536));
         assert_eq!(fillers(512, 1536).len(), 1024);
     }
@@ -215,7 +262,7 @@ mod tests {
     fn foreign_json_is_not_taken_for_this_layout() {
         assert_eq!(parse_header(b"{}\n"), None);
         assert_eq!(parse_header(b"{\n  \"version\": 1,\n"), None);
-        let mut other = header(&Map::new());
+        let mut other = header(1, &Map::new());
         let at = other.iter().position(|&b| b == b'\n').unwrap();
         other.insert(at, b' '); // no longer a multiple of UNIT
         assert_eq!(parse_header(&other), None);
