@@ -48,7 +48,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct HistoryArgs {
     /// The channel
-    #[arg(value_name = "CHANNEL")]
+    #[arg(value_name = "CHANNEL", value_parser = utf8())]
     pub channel: String,
 
     /// How many runs to show
@@ -74,7 +74,7 @@ pub struct GcArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Only these channels
-    #[arg(value_name = "CHANNEL")]
+    #[arg(value_name = "CHANNEL", value_parser = utf8())]
     pub channels: Vec<String>,
 
     /// Print JSON (`{"version": 1, "channels": [...]}`) instead of a table
@@ -85,7 +85,7 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct ResetArgs {
     /// The channel whose session id to forget
-    #[arg(value_name = "CHANNEL")]
+    #[arg(value_name = "CHANNEL", value_parser = utf8())]
     pub channel: String,
 
     #[command(flatten)]
@@ -111,7 +111,7 @@ pub struct WaitArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The channel: runs on one channel never overlap
-    #[arg(short, long, env = "CHAN_RUN_CHANNEL", value_name = "NAME")]
+    #[arg(short, long, env = "CHAN_RUN_CHANNEL", value_name = "NAME", value_parser = utf8())]
     pub channel: String,
 
     /// The command's time limit (300, 0.5, 90s, 5m, 1h30m); 0 = none
@@ -148,6 +148,14 @@ pub struct RunArgs {
     /// The command and its arguments
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// A channel name must be UTF-8; clap's own message for that does not name the flag.
+fn utf8() -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::OsStringValueParser::new().try_map(|name: std::ffi::OsString| {
+        name.into_string().map_err(|_| "the channel name is not valid UTF-8; channel names are UTF-8 text")
+    })
 }
 
 #[cfg(test)]

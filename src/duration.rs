@@ -10,11 +10,19 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     if text.is_empty() {
         return Err(bad());
     }
-    if text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+    let (d, nonzero) = if text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         let secs: f64 = text.parse().map_err(|_| bad())?;
-        return Duration::try_from_secs_f64(secs).map_err(|_| bad());
+        (Duration::try_from_secs_f64(secs).map_err(|_| bad())?, secs > 0.0)
+    } else {
+        let d = humantime::parse_duration(text).map_err(|_| bad())?;
+        (d, !d.is_zero())
+    };
+    // Below a millisecond a duration means nothing chan-run can keep (and `0` means
+    // "none" for --timeout): say so rather than round it away.
+    if nonzero && d < Duration::from_millis(1) {
+        return Err(format!("'{text}' is shorter than 1ms; write 0 for none, or 1ms or more"));
     }
-    humantime::parse_duration(text).map_err(|_| bad())
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -40,7 +48,8 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for text in ["", "abc", "5x", "-1", "1..2", "1e3", "s", "nan", "inf"] {
+        for text in ["", "abc", "5x", "-1", "1..2", "1e3", "s", "nan", "inf", "0.0000000001", "999us", "1ns"]
+        {
             assert!(parse(text).is_err(), "{text:?} was accepted");
         }
     }

@@ -17,6 +17,9 @@ pub struct Entry {
     pub session_after: Option<String>,
     /// chan-run's pid for this run.
     pub pid: u32,
+    /// Why the session id the command printed was not taken, if it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_refused: Option<String>,
 }
 
 /// The entries in `text` (one JSON object per line), newest first, at most `n`.

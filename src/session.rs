@@ -2,23 +2,57 @@
 //! stdout is parsed as one JSON document when it is the whole output, otherwise (or if
 //! that fails) its last non-empty line is (JSON Lines). The id is the string at the
 //! `--session-key` JSON pointer, unless that document says `"is_error": true`.
+//!
+//! An id is passed to the next command as an argument, so it is trusted no further
+//! than an argument can be: one that starts with `-` (a CLI whose flag value is
+//! optional would read it as a flag), holds a control character, or is longer than
+//! [`MAX_ID_BYTES`] is refused, with a reason the run's record keeps.
 
 use serde_json::Value;
 
 /// The longest id chan-run will store and pass on as an argument.
-const MAX_ID_BYTES: usize = 1024;
+pub const MAX_ID_BYTES: usize = 1024;
 
-pub fn find(tail: &[u8], whole: bool, pointer: &str) -> Option<String> {
+/// What the command's output says about the session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// No id there (or an error result): the stored one is kept.
+    Nothing,
+    Id(String),
+    /// An id chan-run will not pass on: why.
+    Refused(String),
+}
+
+pub fn find(tail: &[u8], whole: bool, pointer: &str) -> Found {
     let doc = whole
         .then(|| serde_json::from_slice::<Value>(tail).ok())
         .flatten()
-        .or_else(|| serde_json::from_slice(last_line(tail)?).ok())?;
+        .or_else(|| serde_json::from_slice(last_line(tail)?).ok());
+    let Some(doc) = doc else { return Found::Nothing };
     if doc.get("is_error") == Some(&Value::Bool(true)) {
-        return None;
+        return Found::Nothing;
     }
-    let id = doc.pointer(pointer)?.as_str()?;
-    let usable = !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control);
-    usable.then(|| id.to_owned())
+    match doc.pointer(pointer).and_then(Value::as_str) {
+        None | Some("") => Found::Nothing,
+        Some(id) => match refusal(id) {
+            None => Found::Id(id.to_owned()),
+            Some(why) => Found::Refused(why),
+        },
+    }
+}
+
+/// Why `id` cannot be passed on as an argument, if it cannot.
+pub fn refusal(id: &str) -> Option<String> {
+    if id.len() > MAX_ID_BYTES {
+        return Some(format!("it is {} bytes long; the most chan-run passes on is {MAX_ID_BYTES}", id.len()));
+    }
+    if id.starts_with('-') {
+        return Some("it starts with '-', which a command may read as a flag".to_owned());
+    }
+    if let Some(c) = id.chars().find(|&c| c.is_control() || c == '\u{2028}' || c == '\u{2029}') {
+        return Some(format!("it holds the control character U+{:04X}", c as u32));
+    }
+    None
 }
 
 fn last_line(tail: &[u8]) -> Option<&[u8]> {
@@ -40,34 +74,52 @@ mod tests {
 
     const P: &str = "/session_id";
 
+    fn id(s: &str) -> Found {
+        Found::Id(s.to_owned())
+    }
+
     #[test]
     fn whole_document_pretty_printed() {
         let out = b"{\n  \"result\": \"hi\",\n  \"session_id\": \"abc\"\n}\n";
-        assert_eq!(find(out, true, P).as_deref(), Some("abc"));
+        assert_eq!(find(out, true, P), id("abc"));
     }
 
     #[test]
     fn json_lines_take_the_last_non_empty_line() {
         let out =
             b"{\"type\":\"init\",\"session_id\":\"old\"}\n{\"type\":\"result\",\"session_id\":\"new\"}\n\n";
-        assert_eq!(find(out, true, P).as_deref(), Some("new"));
+        assert_eq!(find(out, true, P), id("new"));
         // Cut at the front (not whole): the last line still decides.
-        assert_eq!(find(&out[10..], false, P).as_deref(), Some("new"));
+        assert_eq!(find(&out[10..], false, P), id("new"));
     }
 
     #[test]
     fn errors_and_non_json_give_nothing() {
-        assert_eq!(find(b"{\"is_error\":true,\"session_id\":\"x\"}", true, P), None);
-        assert_eq!(find(b"plain text\n", true, P), None);
-        assert_eq!(find(b"{\"session_id\":42}", true, P), None);
-        assert_eq!(find(b"{\"session_id\":\"\"}", true, P), None);
-        assert_eq!(find(b"", true, P), None);
+        assert_eq!(find(b"{\"is_error\":true,\"session_id\":\"x\"}", true, P), Found::Nothing);
+        assert_eq!(find(b"plain text\n", true, P), Found::Nothing);
+        assert_eq!(find(b"{\"session_id\":42}", true, P), Found::Nothing);
+        assert_eq!(find(b"{\"session_id\":\"\"}", true, P), Found::Nothing);
+        assert_eq!(find(b"", true, P), Found::Nothing);
+    }
+
+    #[test]
+    fn ids_that_an_argument_cannot_carry_safely_are_refused() {
+        let refused = |out: &str| matches!(find(out.as_bytes(), true, P), Found::Refused(_));
+        assert!(refused(r#"{"session_id":"--dangerously-skip-permissions"}"#));
+        assert!(refused(r#"{"session_id":"a\nb"}"#));
+        assert!(refused(r#"{"session_id":"a\u0007"}"#));
+        assert!(refused(&format!(r#"{{"session_id":"{}"}}"#, "x".repeat(MAX_ID_BYTES + 1))));
+        assert_eq!(
+            find(format!(r#"{{"session_id":"{}"}}"#, "x".repeat(MAX_ID_BYTES)).as_bytes(), true, P),
+            id(&"x".repeat(MAX_ID_BYTES))
+        );
+        assert_eq!(find(r#"{"session_id":"a-b é"}"#.as_bytes(), true, P), id("a-b é"));
     }
 
     #[test]
     fn custom_pointer() {
         let out = br#"{"meta":{"conv/id":"c-1"}}"#;
-        assert_eq!(find(out, true, "/meta/conv~1id").as_deref(), Some("c-1"));
+        assert_eq!(find(out, true, "/meta/conv~1id"), id("c-1"));
         assert!(parse_pointer("session_id").is_err());
         assert!(parse_pointer("/a/b").is_ok());
     }

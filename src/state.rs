@@ -94,10 +94,10 @@ pub struct RunResult {
 
 impl ChannelRecord {
     pub fn apply(&mut self, run: RunResult) {
-        self.runs += 1;
+        self.runs = self.runs.saturating_add(1);
         self.failures_in_a_row = match run.last_run.outcome {
             Outcome::Ok => 0,
-            _ => self.failures_in_a_row + 1,
+            _ => self.failures_in_a_row.saturating_add(1),
         };
         if let Some(id) = run.new_session {
             self.session_id = Some(id);
@@ -150,6 +150,13 @@ mod tests {
         assert_eq!((r.failures_in_a_row, r.session_id.as_deref()), (3, Some("s2")));
         r.apply(run(Outcome::Ok, None, None));
         assert_eq!((r.runs, r.failures_in_a_row, r.session_id.as_deref()), (5, 0, Some("s2")));
+    }
+
+    #[test]
+    fn counts_saturate_instead_of_wrapping() {
+        let mut r = ChannelRecord { runs: u64::MAX, failures_in_a_row: u64::MAX, ..Default::default() };
+        r.apply(run(Outcome::Failed, None, None));
+        assert_eq!((r.runs, r.failures_in_a_row), (u64::MAX, u64::MAX));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod common;
 mod bad_input;
 mod crash;
 mod exit_codes;
+mod hardening;
 mod hostile;
 mod io;
 mod load;

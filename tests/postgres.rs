@@ -49,7 +49,16 @@ fn enqueue(env: &TestEnv, channel: &str, i: usize, host: Option<&str>) -> Runnin
     let mut cmd = match host {
         Some(host) => {
             let mut cmd = std::process::Command::new("unshare");
-            cmd.args(["--uts", "--", "sh", "-c", r#"hostname "$1" && shift && exec "$@""#, "sh", host, BIN]);
+            cmd.args([
+                "--uts",
+                "--",
+                "sh",
+                "-c",
+                r#"hostname "$1" && shift && exec "$@""#,
+                "sh",
+                host,
+                &*BIN,
+            ]);
             env.apply(&mut cmd);
             cmd.args(["run", "-c", channel, "--"]).args(&script);
             cmd

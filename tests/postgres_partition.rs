@@ -167,7 +167,7 @@ fn a_holder_cut_off_by_the_network_stops_its_command_before_the_server_hands_the
 
     // The holder, on the far side. Its command notes the SIGTERM and carries on, so that
     // chan-run has to SIGKILL it: the slowest stop there is.
-    let mut cmd = link.exec(BIN);
+    let mut cmd = link.exec(&BIN);
     env.apply(&mut cmd);
     cmd.env("CHAN_RUN_STORE", &remote).args(["run", "-c", "part", "--"]).args(sh(
         r#"echo "$CHAN_RUN_FENCE" > "$T/f1"; echo $$ > "$T/pid.tmp"; mv "$T/pid.tmp" "$T/pid"

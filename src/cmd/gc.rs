@@ -9,7 +9,8 @@ pub fn gc(
     args: GcArgs,
     control: &'static crate::control::Control,
 ) -> anyhow::Result<ExitCode> {
-    let items = store.gc(args.idle_for, args.dry_run, control)?;
+    let report = store.gc(args.idle_for, args.dry_run, control)?;
+    let items = report.items;
     let mut out = String::new();
     let verb = if args.dry_run { "would remove" } else { "removed" };
     for item in &items {
@@ -21,6 +22,10 @@ pub fn gc(
     }
     if items.is_empty() {
         out.push_str("no channel idle that long\n");
+    }
+    for note in &report.notes {
+        out.push_str(note);
+        out.push('\n');
     }
     crate::ui::write_out(&out)?;
     Ok(ExitCode::OK)

@@ -27,7 +27,7 @@ impl Outcome {
         timeout: Duration,
         started_at: SystemTime,
     ) -> Outcome {
-        let shown = format!("'{}'", program.to_string_lossy());
+        let shown = shown(program);
         let (code, kind, exit_code, signal, message) = match &finished.ending {
             Ending::Unstarted(e) => {
                 let message =
@@ -93,6 +93,11 @@ impl Outcome {
             session_before,
             session_after: after.session_id.clone(),
             pid: std::process::id(),
+            session_refused: last_run
+                .extra
+                .get("session_refused")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
         }
     }
 }
@@ -103,6 +108,11 @@ pub fn command_status(finished: &Finished) -> Option<ExitCode> {
         Ending::Ran { status: Some(s), stop: None } => Some(ExitCode::from_status(*s)),
         _ => None,
     }
+}
+
+/// A program as messages show it.
+pub fn shown(program: &OsString) -> String {
+    format!("'{}'", program.to_string_lossy())
 }
 
 fn rfc3339(t: SystemTime) -> String {

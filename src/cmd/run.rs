@@ -6,6 +6,7 @@ use crate::channel::Channel;
 use crate::cli::RunArgs;
 use crate::control::Control;
 use crate::exit_code::ExitCode;
+use crate::session;
 use crate::state::{ChannelRecord, RunResult};
 use crate::store::{Holder, Lease, RecordError, Store};
 use crate::supervise::{self, Plan};
@@ -28,12 +29,16 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         }
     };
     let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
-    let session = record.session_id.clone().filter(|_| !args.no_session);
+    let session =
+        record.session_id.clone().filter(|_| !args.no_session).filter(|id| match session::refusal(id) {
+            None => true,
+            Some(why) => {
+                ui::warn(format!("channel {channel}'s stored session id is not passed on: {why}"));
+                false
+            }
+        });
     warn_if_elsewhere(&channel, &record, session.is_some(), cwd.as_deref());
-    let mut command = args.command.clone();
-    if let (Some(flag), Some(id)) = (&args.session_arg, &session) {
-        command.extend([flag.clone(), OsString::from(id)]);
-    }
+    let command = with_session(&args.command, args.session_arg.as_ref(), session.as_deref());
 
     let started_at = SystemTime::now();
     let holder = Holder {
@@ -63,15 +68,27 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     {
         ui::say(message);
     }
-    let Some(last_run) = outcome.last_run else {
+    let Some(mut last_run) = outcome.last_run else {
         release(lease);
         return Ok(outcome.code);
     };
-    let new_session = match args.no_session {
-        true => None,
+    let found = match args.no_session {
+        true => session::Found::Nothing,
         false => {
             let (tail, whole) = finished.stdout.contents();
-            crate::session::find(tail, whole, &args.session_key)
+            session::find(tail, whole, &args.session_key)
+        }
+    };
+    let new_session = match found {
+        session::Found::Id(id) => Some(id),
+        session::Found::Nothing => None,
+        session::Found::Refused(why) => {
+            ui::warn(format!(
+                "the session id in {}'s output is refused ({why}); channel {channel} keeps its previous one",
+                outcome::shown(&command[0])
+            ));
+            last_run.extra.insert("session_refused".into(), why.into());
+            None
         }
     };
     let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
@@ -104,6 +121,24 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     }
     release(lease);
     Ok(outcome.code)
+}
+
+/// The command with the session appended: `FLAG ID`, or `FLAGID` as one argument when
+/// the flag ends in `=` (`--session-arg=--resume=`), for a CLI whose flag value is
+/// optional.
+fn with_session(command: &[OsString], flag: Option<&OsString>, id: Option<&str>) -> Vec<OsString> {
+    let mut command = command.to_vec();
+    if let (Some(flag), Some(id)) = (flag, id) {
+        match flag.to_string_lossy().ends_with('=') {
+            true => {
+                let mut joined = flag.clone();
+                joined.push(id);
+                command.push(joined);
+            }
+            false => command.extend([flag.clone(), OsString::from(id)]),
+        }
+    }
+    command
 }
 
 fn release(lease: Box<dyn Lease>) {

@@ -118,6 +118,14 @@ pub struct GcItem {
     pub kept: Option<&'static str>,
 }
 
+/// What `gc` did: the channels it looked at, and lines about the store itself (such
+/// as a file made smaller).
+#[derive(Clone, Debug, Default)]
+pub struct GcReport {
+    pub items: Vec<GcItem>,
+    pub notes: Vec<String>,
+}
+
 pub trait Store {
     /// Where this store keeps its locks, the same for every process that reaches the
     /// same store by whatever path (no spaces): a nested run compares it.
@@ -125,8 +133,7 @@ pub trait Store {
 
     /// Removes the records, logs, queue folders and lock files of channels whose last
     /// run ended more than `idle_for` ago and that nobody holds or waits for.
-    fn gc(&self, idle_for: Duration, dry_run: bool, control: &'static Control)
-    -> anyhow::Result<Vec<GcItem>>;
+    fn gc(&self, idle_for: Duration, dry_run: bool, control: &'static Control) -> anyhow::Result<GcReport>;
 
     /// Every known channel (or the ones named), without taking or joining anything:
     /// never blocks behind a run, never makes a concurrent run fail.

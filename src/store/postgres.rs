@@ -65,8 +65,8 @@
 //!    history are committed or not, together; the lock goes with the connection.
 
 use super::{
-    AcquireError, ChannelStatus, GcItem, Holder, HolderView, Lease, LockLost, RecordError, Store, Wait,
-    WaitNote, Waiter,
+    AcquireError, ChannelStatus, GcItem, GcReport, Holder, HolderView, Lease, LockLost, RecordError, Store,
+    Wait, WaitNote, Waiter,
 };
 use crate::channel::Channel;
 use crate::control::{Control, LockLostAlarm};
@@ -691,12 +691,7 @@ impl Store for PgStore {
         Ok(rows.iter().filter_map(|r| serde_json::from_str(&r.get::<_, String>(0)).ok()).collect())
     }
 
-    fn gc(
-        &self,
-        idle_for: Duration,
-        dry_run: bool,
-        _control: &'static Control,
-    ) -> anyhow::Result<Vec<GcItem>> {
+    fn gc(&self, idle_for: Duration, dry_run: bool, _control: &'static Control) -> anyhow::Result<GcReport> {
         let mut conn = self.connect()?;
         let rows = conn.client.query_typed(
             "SELECT id, channel, EXTRACT(EPOCH FROM now() - COALESCE(last_finished, created))::float8 \
@@ -705,7 +700,7 @@ impl Store for PgStore {
             &[(&idle_for.as_secs_f64().min(1e15), Type::FLOAT8)],
         );
         let rows = match rows {
-            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(Vec::new()),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(GcReport::default()),
             other => other.map_err(|e| self.failed("find idle channels", &e))?,
         };
         let try_lock = format!("SELECT pg_try_advisory_lock({NS}, $1)");
@@ -742,7 +737,7 @@ impl Store for PgStore {
             }
             items.push(item);
         }
-        Ok(items)
+        Ok(GcReport { items, notes: Vec::new() })
     }
 }
 

@@ -21,7 +21,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_chan-run");
+/// The chan-run under test: this build's, or `CHAN_RUN_TEST_BIN` (to show that a test
+/// fails on an older build).
+pub static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("CHAN_RUN_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_chan-run").to_owned())
+});
 
 /// The longest any single wait of the suite may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -133,7 +137,7 @@ impl TestEnv {
             .env("XDG_STATE_HOME", self.root().join("home/.local/state"))
             .env("XDG_DATA_HOME", self.root().join("home/.local/share"))
             .env("T", &self.scratch)
-            .env("B", BIN)
+            .env("B", &*BIN)
             .env("LC_ALL", "C");
         if let Some(url) = &self.store {
             cmd.env("CHAN_RUN_STORE", url);
@@ -142,7 +146,7 @@ impl TestEnv {
 
     /// `chan-run` with no arguments yet, as a std command.
     pub fn std_command(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new(BIN);
+        let mut cmd = std::process::Command::new(&*BIN);
         self.apply(&mut cmd);
         cmd
     }
@@ -641,4 +645,50 @@ pub fn wait_for_path_fast(path: &Path) {
         assert!(Instant::now() < until, "timed out waiting for {}", path.display());
         std::thread::sleep(Duration::from_micros(100));
     }
+}
+
+/// A throw-away user other than the one running the tests, for what another user can
+/// reach: created once when the tests run as root (as CI does); `None`, with a notice,
+/// otherwise. Returns (uid, gid).
+pub fn other_user() -> Option<(u32, u32)> {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to make a throw-away user");
+        return None;
+    }
+    let id = |flag: &str| -> Option<u32> {
+        let out = std::process::Command::new("id").args([flag, "chanrun-other"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        // Another test may be making it at the same moment: its failure is fine if the
+        // user exists afterwards.
+        let _ = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "chanrun-other"])
+            .output();
+    }
+    match (id("-u"), id("-g")) {
+        (Some(uid), Some(gid)) => Some((uid, gid)),
+        _ => {
+            eprintln!("skipped: cannot make the throw-away user chanrun-other (useradd)");
+            None
+        }
+    }
+}
+
+/// `sh -c SCRIPT` run as `user` (from [`other_user`]).
+pub fn as_user(user: (u32, u32), script: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.arg(format!("--reuid={}", user.0)).arg(format!("--regid={}", user.1)).args([
+        "--clear-groups",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    cmd
+}
+
+/// Changes the owner of `path` itself (a symbolic link is not followed).
+pub fn chown(path: &Path, user: (u32, u32)) {
+    std::os::unix::fs::lchown(path, Some(user.0), Some(user.1)).unwrap();
 }

@@ -13,7 +13,7 @@ use super::state::{Held, Hint, Loaded};
 use crate::channel::Channel;
 use crate::control::Control;
 use crate::state::ChannelRecord;
-use crate::store::GcItem;
+use crate::store::{GcItem, GcReport};
 use anyhow::bail;
 use std::fs::File;
 use std::sync::Arc;
@@ -34,7 +34,7 @@ pub fn gc(
     idle_for: Duration,
     dry_run: bool,
     control: &'static Control,
-) -> anyhow::Result<Vec<GcItem>> {
+) -> anyhow::Result<GcReport> {
     let candidates = candidates(folders, idle_for)?;
     let held = crate::procfs::held_flocks();
     let mut items = Vec::new();
@@ -68,16 +68,17 @@ pub fn gc(
             }
         }
     }
+    let mut notes = Vec::new();
     if !dry_run {
         let compacted = folders.active(control).compact(&mut |name| hold_to_move(folders, name))?;
         if compacted.moved > 0 || compacted.after < compacted.before {
-            crate::ui::say(format_args!(
+            notes.push(format!(
                 "compacted active.json from {} to {} bytes ({} records moved)",
                 compacted.before, compacted.after, compacted.moved
             ));
         }
     }
-    Ok(items)
+    Ok(GcReport { items, notes })
 }
 
 /// A channel's lock taken without waiting, so compaction may move its record: `None`

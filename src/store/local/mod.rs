@@ -25,7 +25,7 @@ mod status;
 
 use crate::channel::Channel;
 use crate::control::Control;
-use crate::store::{AcquireError, ChannelStatus, GcItem, Lease, Store, Wait, WaitNote};
+use crate::store::{AcquireError, ChannelStatus, GcReport, Lease, Store, Wait, WaitNote};
 use anyhow::anyhow;
 use dir::StateDir;
 use files::ChannelFiles;
@@ -105,12 +105,7 @@ impl Store for LocalStore {
         }
     }
 
-    fn gc(
-        &self,
-        idle_for: Duration,
-        dry_run: bool,
-        control: &'static Control,
-    ) -> anyhow::Result<Vec<GcItem>> {
+    fn gc(&self, idle_for: Duration, dry_run: bool, control: &'static Control) -> anyhow::Result<GcReport> {
         gc::gc(&self.folders, idle_for, dry_run, control)
     }
 

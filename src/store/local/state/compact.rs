@@ -92,24 +92,20 @@ fn batch(
     hold: &mut dyn FnMut(&str) -> Option<Held>,
 ) -> std::io::Result<usize> {
     let mut moves: Vec<(String, Line, u64, Held)> = Vec::new();
-    let mut cut = s.index.head.end;
+    // `at` walks back from the end; `cut` is the lowest line moved so far.
+    let (mut at, mut cut) = (s.index.head.end, s.index.head.end);
     let floor = first_slot(&s.header) + MAX_SLOT;
     // Every copy must land below every line of the batch, so the end can pass them all.
     let mut highest_spot_end = 0;
     while moves.len() < BATCH {
-        let Some((offset, bytes)) = line_before(&s.file, cut, floor)? else { break };
+        let Some((offset, bytes)) = line_before(&s.file, at, floor.max(highest_spot_end))? else { break };
+        at = offset;
         let name = match layout::parse_slot(&bytes) {
-            Slot::Filler => {
-                cut = offset;
-                continue;
-            }
+            Slot::Filler => continue,
             Slot::Member { name, .. } => name,
             Slot::Bad => break,
         };
         let size = bytes.len() as u64;
-        if highest_spot_end > offset {
-            break;
-        }
         let Some(spot) = take_hole(holes, size, offset) else { break };
         let Some(held) = hold(&name) else { break };
         // Read again under the channel's lock: its holder may have rewritten it.

@@ -6,12 +6,15 @@
 //!
 //! Binary, little-endian: a 64-byte header (magic, the `epoch` of the `active.json` it
 //! indexes, the offset of that file's closing `}}`, the table's capacity and use, a
-//! "being rewritten" flag) and an open-addressing table of 16-byte entries (FNV-1a hash
+//! "being rewritten" flag, a count of rewrites) and an open-addressing table of 16-byte entries (FNV-1a hash
 //! of the name, never 0; the line's offset, or `u64::MAX` once removed). An entry is
 //! written before the line it names (and synced), so the index never misses a line; it
 //! may name lines that are gone, which a lookup skips. A table rewritten in place (to
 //! grow, or to rebuild from `active.json`) is flagged first: killed midway, the next
-//! holder of the append lock sees the flag and rebuilds it.
+//! holder of the append lock sees the flag and rebuilds it. A lookup without the append
+//! lock reads the header before and after: if neither was flagged and no rewrite came
+//! between, no entry it needed moved (entries only fill empty places), so even its
+//! "absent" holds for the channel whose holder asks (nobody else adds its lines).
 
 use std::fs::File;
 use std::io;
@@ -38,6 +41,7 @@ pub struct Head {
     cap: u64,
     used: u64,
     dirty: bool,
+    rewrites: u64,
 }
 
 fn hash(name: &str) -> u64 {
@@ -54,7 +58,14 @@ fn read_head(file: &File) -> Option<Head> {
     let mut buf = [0u8; HEADER as usize];
     file.read_exact_at(&mut buf, 0).ok()?;
     let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
-    let head = Head { epoch: word(8), end: word(16), cap: word(24), used: word(32), dirty: word(40) != 0 };
+    let head = Head {
+        epoch: word(8),
+        end: word(16),
+        cap: word(24),
+        used: word(32),
+        dirty: word(40) != 0,
+        rewrites: word(48),
+    };
     let whole = &buf[..8] == MAGIC && head.cap.is_power_of_two() && !head.dirty;
     let len = file.metadata().ok()?.len();
     (whole && len >= HEADER + head.cap * ENTRY).then_some(head)
@@ -87,10 +98,13 @@ fn entry(file: &File, i: u64) -> Option<(u64, u64)> {
     ))
 }
 
-/// Without the append lock: the index's header if it is whole, for a lookup whose
-/// answer is a hint only.
-pub fn peek(file: &File) -> Option<Head> {
-    read_head(file)
+/// Without the append lock: the lines the index names for `name`, if the index is
+/// whole, describes the file of `epoch`, and was not rewritten while it was read.
+pub fn peek(file: &File, epoch: u64, name: &str) -> Option<Vec<u64>> {
+    let head = read_head(file).filter(|h| h.epoch == epoch && epoch != 0)?;
+    let found = lookup(file, &head, name);
+    let after = read_head(file)?;
+    (after.rewrites == head.rewrites && after.cap == head.cap).then_some(found)
 }
 
 impl Index {
@@ -203,7 +217,8 @@ impl Index {
         self.file.set_len(HEADER + cap * ENTRY)?;
         self.file.write_all_at(&table, HEADER)?;
         self.file.sync_data()?;
-        self.head = Head { epoch, end, cap, used: live.len() as u64, dirty: false };
+        let rewrites = self.head.rewrites + 1;
+        self.head = Head { epoch, end, cap, used: live.len() as u64, dirty: false, rewrites };
         self.write_head()
     }
 
@@ -217,10 +232,16 @@ impl Index {
     fn write_head(&self) -> io::Result<()> {
         let mut buf = [0u8; HEADER as usize];
         buf[..8].copy_from_slice(MAGIC);
-        for (i, word) in
-            [self.head.epoch, self.head.end, self.head.cap, self.head.used, u64::from(self.head.dirty)]
-                .iter()
-                .enumerate()
+        for (i, word) in [
+            self.head.epoch,
+            self.head.end,
+            self.head.cap,
+            self.head.used,
+            u64::from(self.head.dirty),
+            self.head.rewrites,
+        ]
+        .iter()
+        .enumerate()
         {
             buf[8 + i * 8..16 + i * 8].copy_from_slice(&word.to_le_bytes());
         }
@@ -258,12 +279,13 @@ mod tests {
     fn a_flagged_or_torn_index_reads_as_none() {
         let file = tempfile::tempfile().unwrap();
         let mut index = Index::new(file.try_clone().unwrap());
-        index.rebuild(1, 0, Vec::new()).unwrap();
-        assert!(peek(&file).is_some());
+        index.rebuild(1, 0, vec![("a".into(), 512)]).unwrap();
+        assert_eq!(peek(&file, 1, "a"), Some(vec![512]));
+        assert_eq!(peek(&file, 2, "a"), None, "another file's index");
         index.head.dirty = true;
         index.write_head().unwrap();
-        assert!(peek(&file).is_none());
+        assert_eq!(peek(&file, 1, "a"), None);
         file.set_len(10).unwrap();
-        assert!(peek(&file).is_none());
+        assert_eq!(peek(&file, 1, "a"), None);
     }
 }

@@ -144,12 +144,14 @@ impl<'a> ActiveFile<'a> {
         {
             return Ok((line.record.clone(), Some(line.offset)));
         }
-        if let Some(Ok(found)) = self.peek(&file, &header, name)
-            && let Some(line) = found.last()
-        {
-            return Ok((line.record.clone(), Some(line.offset)));
+        // The index answers without the append lock, "absent" (a new channel) included.
+        if let Some(Ok(found)) = self.peek(&file, &header, name) {
+            return Ok(found
+                .last()
+                .map_or((ChannelRecord::default(), None), |l| (l.record.clone(), Some(l.offset))));
         }
-        // Not found without the append lock: ask the index with it (a new channel).
+        // No index to ask (the first run after an upgrade, or one killed mid-rewrite):
+        // settle it, under the append lock.
         let s = self.settle(Waits::new(self.control), false)?;
         match s.lines_of(name) {
             Ok(found) => Ok(found
@@ -163,8 +165,8 @@ impl<'a> ActiveFile<'a> {
         }
     }
 
-    /// The lines the index names for `name` without the append lock: a hint (`None`
-    /// if the index does not describe this file).
+    /// `name`'s lines as the index names them, without the append lock (`None` if the
+    /// index cannot say: missing, stale, or rewritten meanwhile).
     fn peek(
         &self,
         file: &std::fs::File,
@@ -172,8 +174,7 @@ impl<'a> ActiveFile<'a> {
         name: &str,
     ) -> Option<Result<Vec<Line>, lines::Damaged>> {
         let index = super::dir::file(self.dir, index::NAME, rustix::fs::OFlags::RDONLY).ok()?;
-        let head = index::peek(&index).filter(|h| h.epoch == header.epoch && header.epoch != 0)?;
-        Some(lines::find(file, name, &index::lookup(&index, &head, name)))
+        Some(lines::find(file, name, &index::peek(&index, header.epoch, name)?))
     }
 
     /// The read-modify-write of one channel's record. `change` may be called more than
