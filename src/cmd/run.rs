@@ -16,7 +16,8 @@ use std::time::SystemTime;
 
 pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
-    super::held::refuse_self_deadlock(&store.id(), &channel)?;
+    let store_id = store.id();
+    super::held::refuse_self_deadlock(&store_id, &channel)?;
     let mut lease = match super::acquire(store, &channel, &args.wait, args.quiet, control)? {
         Ok(lease) => lease,
         Err(code) => return Ok(code),
@@ -52,7 +53,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     }
     let plan = Plan {
         command: &command,
-        env: command_env(&store.id(), &channel, session.as_deref(), lease.fence()),
+        env: command_env(&store_id, &channel, session.as_deref(), lease.fence()),
         timeout: Some(args.timeout).filter(|t| !t.is_zero()),
         kill_after: args.kill_after,
         pid_field: lease.pid_field(),

@@ -19,7 +19,7 @@
 //!   the append lock cuts off; readers of the whole file fail until then].
 
 use super::index::Index;
-use super::layout::{self, Header, MAX_OLD_SLOT, Slot, TRAILER, UNIT};
+use super::layout::{self, Header, MAX_OLD_SLOT, MAX_SLOT, Slot, TRAILER, UNIT};
 use super::locks::StateLock;
 use super::whole::{first_slot, within_size_limit};
 use crate::state::ChannelRecord;
@@ -74,22 +74,32 @@ pub struct Scan {
     pub torn: bool,
 }
 
-/// The line starting at `offset`, if one ends (at a size it could have) there.
+/// The line starting at `offset`, if one ends (at a size it could have) there. One
+/// read covers every slot of this layout (the biggest aligned span up to a page); only
+/// an older file's bigger slot needs more.
 pub fn read_line(file: &File, offset: u64) -> Option<Vec<u8>> {
-    let mut size = UNIT;
-    while size <= MAX_OLD_SLOT {
-        if !offset.is_multiple_of(size) {
+    if !offset.is_multiple_of(UNIT) {
+        return None;
+    }
+    let mut span = UNIT;
+    while span < MAX_SLOT && offset.is_multiple_of(span * 2) {
+        span *= 2;
+    }
+    loop {
+        let mut buf = vec![0u8; span as usize];
+        let n = file.read_at(&mut buf, offset).ok()?;
+        buf.truncate(n);
+        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let size = end as u64 + 1;
+            let aligned = size.is_power_of_two() && size >= UNIT && offset.is_multiple_of(size);
+            buf.truncate(end + 1);
+            return aligned.then_some(buf);
+        }
+        if n < span as usize || span >= MAX_OLD_SLOT || !offset.is_multiple_of(span * 2) {
             return None;
         }
-        let mut line = vec![0u8; size as usize];
-        file.read_exact_at(&mut line, offset).ok()?;
-        match line.iter().position(|&b| b == b'\n') {
-            Some(end) if end as u64 + 1 == size => return Some(line),
-            Some(_) => return None,
-            None => size *= 2,
-        }
+        span *= 2;
     }
-    None
 }
 
 /// `name`'s line at `offset`, if that is what is there.
