@@ -7,9 +7,9 @@ use crate::cli::RunArgs;
 use crate::control::Control;
 use crate::exit_code::ExitCode;
 use crate::session;
-use crate::state::{ChannelRecord, RunResult};
+use crate::state::{ChannelRecord, LastRun, RunResult};
 use crate::store::{Holder, Lease, RecordError, Store};
-use crate::supervise::{self, Plan};
+use crate::supervise::{self, Finished, Plan};
 use crate::ui;
 use std::ffi::OsString;
 use std::time::SystemTime;
@@ -30,38 +30,11 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         }
     };
     let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
-    let session =
-        record.session_id.clone().filter(|_| !args.no_session).filter(|id| match session::refusal(id) {
-            None => true,
-            Some(why) => {
-                ui::warn(format!("channel {channel}'s stored session id is not passed on: {why}"));
-                false
-            }
-        });
-    warn_if_elsewhere(&channel, &record, session.is_some(), cwd.as_deref());
+    let session = session_to_pass(&channel, &record, &args, cwd.as_deref());
     let command = with_session(&args.command, args.session_arg.as_ref(), session.as_deref());
-
     let started_at = SystemTime::now();
-    let holder = Holder {
-        pid: std::process::id(),
-        started_at,
-        command: &command,
-        spawn_ticks: crate::procfs::now_ticks(),
-    };
-    if let Err(e) = lease.announce(&holder) {
-        ui::warn(format!("cannot record the holder ({e:#}); running anyway"));
-    }
-    let plan = Plan {
-        command: &command,
-        env: command_env(&store_id, &channel, session.as_deref(), lease.fence()),
-        timeout: Some(args.timeout).filter(|t| !t.is_zero()),
-        kill_after: args.kill_after,
-        pid_field: lease.pid_field(),
-        lost_grace: lease.lost_grace(),
-        tail_cap: if args.no_session { 0 } else { supervise::TAIL_CAP },
-    };
-    let mut finished =
-        supervise::run(plan, control, &mut |pid| lease.command_started(pid, crate::procfs::now_ticks()));
+    let env = command_env(&store_id, &channel, session.as_deref(), lease.fence());
+    let mut finished = execute(lease.as_mut(), &args, &command, env, started_at, control);
 
     let outcome = Outcome::of(&finished, &channel, &command[0], args.timeout, started_at);
     if let Some((message, quiet_silences)) = &outcome.message
@@ -73,32 +46,17 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         release(lease);
         return Ok(outcome.code);
     };
-    let found = match args.no_session {
-        true => session::Found::Nothing,
-        false => {
-            let (tail, whole) = finished.stdout.contents();
-            session::find(tail, whole, &args.session_key)
-        }
-    };
-    let new_session = match found {
-        session::Found::Id(id) => Some(id),
-        session::Found::Nothing => None,
-        session::Found::Refused(why) => {
-            ui::warn(format!(
-                "the session id in {}'s output is refused ({why}); channel {channel} keeps its previous one",
-                outcome::shown(&command[0])
-            ));
-            last_run.extra.insert("session_refused".into(), why.into());
-            None
-        }
-    };
+    let new_session = session_from_output(&mut finished, &args, &channel, &command[0], &mut last_run);
     let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
     // Recorded before the lock is released; a failure here must not change the exit
     // status: the command ran, and a bot must not send the message again.
     let mut entry = |after: &ChannelRecord| Outcome::entry(&last_run, record.session_id.clone(), after);
     let (recorded, logged) = lease.record_run(&mut |r| r.apply(result.clone()), &mut entry);
-    match recorded {
-        Ok(()) => {}
+    if let Err(e) = logged {
+        ui::warn(format!("the run was not added to the channel's history ({e:#})"));
+    }
+    let code = match recorded {
+        Ok(()) => outcome.code,
         Err(RecordError::LockLost(lost)) => {
             // Another run may have overlapped this one: the caller must know, whatever
             // the command's own status was.
@@ -110,18 +68,96 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         }
         Err(RecordError::Interrupted(sig)) => {
             ui::warn(format!("signal {sig} came while waiting to record the run: it was not recorded"));
-            release(lease);
-            return Ok(ExitCode::Signal(sig));
+            ExitCode::Signal(sig)
         }
         Err(RecordError::Failed(e)) => {
             ui::warn(format!("the run was not recorded ({e:#}); exit status kept"));
+            outcome.code
+        }
+    };
+    release(lease);
+    Ok(code)
+}
+
+/// The stored session id to pass on, if any: not with `--no-session`, not one that
+/// cannot be an argument (with a warning), and with a warning when the run is in
+/// another directory than the session's.
+fn session_to_pass(
+    channel: &Channel,
+    record: &ChannelRecord,
+    args: &RunArgs,
+    cwd: Option<&str>,
+) -> Option<String> {
+    let session =
+        record.session_id.clone().filter(|_| !args.no_session).filter(|id| match session::refusal(id) {
+            None => true,
+            Some(why) => {
+                ui::warn(format!("channel {channel}'s stored session id is not passed on: {why}"));
+                false
+            }
+        });
+    // Model CLIs resume a session only from the directory it was made in.
+    if let (Some(_), Some(made_in), Some(here)) = (&session, &record.session_cwd, cwd)
+        && made_in != here
+    {
+        ui::warn(format!(
+            "channel {channel}'s session was made in {made_in}, this run is in {here}; the model may not find it"
+        ));
+    }
+    session
+}
+
+/// Records the holder and runs the command under the lease.
+fn execute(
+    lease: &mut dyn Lease,
+    args: &RunArgs,
+    command: &[OsString],
+    env: Vec<(&'static str, Option<OsString>)>,
+    started_at: SystemTime,
+    control: &'static Control,
+) -> Finished {
+    let holder =
+        Holder { pid: std::process::id(), started_at, command, spawn_ticks: crate::procfs::now_ticks() };
+    if let Err(e) = lease.announce(&holder) {
+        ui::warn(format!("cannot record the holder ({e:#}); running anyway"));
+    }
+    let plan = Plan {
+        command,
+        env,
+        timeout: Some(args.timeout).filter(|t| !t.is_zero()),
+        kill_after: args.kill_after,
+        pid_field: lease.pid_field(),
+        lost_grace: lease.lost_grace(),
+        tail_cap: if args.no_session { 0 } else { supervise::TAIL_CAP },
+    };
+    supervise::run(plan, control, &mut |pid| lease.command_started(pid, crate::procfs::now_ticks()))
+}
+
+/// The session id the command's output names, if it is one to keep; a refused one is
+/// named in `last_run`.
+fn session_from_output(
+    finished: &mut Finished,
+    args: &RunArgs,
+    channel: &Channel,
+    program: &OsString,
+    last_run: &mut LastRun,
+) -> Option<String> {
+    if args.no_session {
+        return None;
+    }
+    let (tail, whole) = finished.stdout.contents();
+    match session::find(tail, whole, &args.session_key) {
+        session::Found::Id(id) => Some(id),
+        session::Found::Nothing => None,
+        session::Found::Refused(why) => {
+            ui::warn(format!(
+                "the session id in {}'s output is refused ({why}); channel {channel} keeps its previous one",
+                outcome::shown(program)
+            ));
+            last_run.extra.insert("session_refused".into(), why.into());
+            None
         }
     }
-    if let Err(e) = logged {
-        ui::warn(format!("the run was not added to the channel's history ({e:#})"));
-    }
-    release(lease);
-    Ok(outcome.code)
 }
 
 /// The command with the session appended: `FLAG ID`, or `FLAGID` as one argument when
@@ -145,17 +181,6 @@ fn with_session(command: &[OsString], flag: Option<&OsString>, id: Option<&str>)
 fn release(lease: Box<dyn Lease>) {
     if let Err(e) = lease.release() {
         ui::warn(format!("{e:#}"));
-    }
-}
-
-/// Model CLIs resume a session only from the directory it was made in.
-fn warn_if_elsewhere(channel: &Channel, record: &ChannelRecord, resuming: bool, here: Option<&str>) {
-    if let (true, Some(made_in), Some(here)) = (resuming, &record.session_cwd, here)
-        && made_in != here
-    {
-        ui::warn(format!(
-            "channel {channel}'s session was made in {made_in}, this run is in {here}; the model may not find it"
-        ));
     }
 }
 
