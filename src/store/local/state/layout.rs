@@ -98,13 +98,16 @@ pub enum Slot {
 }
 
 pub fn parse_slot(line: &[u8]) -> Slot {
-    let text = match std::str::from_utf8(line) {
-        Ok(t) => t.trim_end_matches(['\n', ' ']),
-        Err(_) => return Slot::Bad,
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    // A member ends at its last `}`; everything after it must be padding. (Found from the
+    // end with memchr, as a 4 KiB slot is mostly spaces.)
+    let Some(end) = memchr::memrchr(b'}', line).map(|i| i + 1) else {
+        return if spaces(line) { Slot::Filler } else { Slot::Bad };
     };
-    if text.is_empty() {
-        return Slot::Filler;
+    if !spaces(&line[end..]) {
+        return Slot::Bad;
     }
+    let Ok(text) = std::str::from_utf8(&line[..end]) else { return Slot::Bad };
     let first = text.starts_with(' ');
     let Some(body) = text.strip_prefix([' ', ',']) else { return Slot::Bad };
     // Straight into the record type, with no intermediate `Value` tree.
@@ -118,6 +121,14 @@ pub fn parse_slot(line: &[u8]) -> Slot {
         (Some((name, record)), None) => Slot::Member { name, record: Box::new(record), first },
         _ => Slot::Bad,
     }
+}
+
+/// Whether `bytes` are all spaces, eight at a time.
+fn spaces(bytes: &[u8]) -> bool {
+    const EIGHT: u64 = u64::from_ne_bytes([b' '; 8]);
+    let mut chunks = bytes.chunks_exact(8);
+    chunks.all(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")) == EIGHT)
+        && chunks.remainder().iter().all(|&b| b == b' ')
 }
 
 /// The key of a member line, if at least that much of it is readable.

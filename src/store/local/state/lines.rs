@@ -42,6 +42,8 @@ pub struct Line {
     pub offset: u64,
     pub size: u64,
     pub first: bool,
+    /// How many bytes of the slot are not padding.
+    pub used: u64,
     pub record: ChannelRecord,
 }
 
@@ -86,10 +88,10 @@ pub fn read_line(file: &File, offset: u64) -> Option<Vec<u8>> {
         span *= 2;
     }
     loop {
-        let mut buf = vec![0u8; span as usize];
-        let n = file.read_at(&mut buf, offset).ok()?;
-        buf.truncate(n);
-        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+        // Read into spare capacity: nothing is zeroed first.
+        let mut buf = Vec::with_capacity(span as usize);
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), offset).ok()?;
+        if let Some(end) = memchr::memchr(b'\n', &buf) {
             let size = end as u64 + 1;
             let aligned = size.is_power_of_two() && size >= UNIT && offset.is_multiple_of(size);
             buf.truncate(end + 1);
@@ -107,7 +109,8 @@ pub fn line_at(file: &File, offset: u64, name: &str) -> Option<Line> {
     let bytes = read_line(file, offset)?;
     match layout::parse_slot(&bytes) {
         Slot::Member { name: found, record, first } if found == name => {
-            Some(Line { offset, size: bytes.len() as u64, first, record: *record })
+            let used = memchr::memrchr(b'}', &bytes).map_or(0, |i| i as u64 + 1);
+            Some(Line { offset, size: bytes.len() as u64, first, used, record: *record })
         }
         _ => None,
     }
@@ -348,14 +351,19 @@ impl Structure<'_> {
 }
 
 /// Rewrites `line` in place with `record`, if it still fits its slot (at most a page);
-/// `false` if it does not (or the slot is an old one bigger than a page).
+/// `false` if it does not (or the slot is an old one bigger than a page). One write
+/// covers the new record and as much padding as the old one's bytes need: the rest of
+/// the slot is spaces already.
 pub fn rewrite(file: &File, line: &Line, name: &str, record: &ChannelRecord) -> io::Result<bool> {
-    let member = layout::member(line.first, name, record);
+    let mut member = layout::member(line.first, name, record);
     if !layout::fits(member.len(), line.size) || line.size > layout::MAX_SLOT {
         return Ok(false);
     }
     within_size_limit(line.offset + line.size)?;
-    file.write_all_at(&layout::slot(line.first, name, record, line.size), line.offset)?;
+    if (member.len() as u64) < line.used {
+        member.resize(line.used as usize, b' ');
+    }
+    file.write_all_at(&member, line.offset)?;
     file.sync_data()?;
     Ok(true)
 }
