@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long a SIGKILLed leader may take to become reapable before chan-run moves on.
-const REAP_AFTER_KILL: Duration = Duration::from_millis(400);
+/// How long a SIGKILLed leader may take to become reapable before chan-run moves on
+/// (within SPEC's 1 s beyond timeout + kill-after, with the output drain).
+pub const REAP_AFTER_KILL: Duration = Duration::from_millis(400);
 /// The tail of stdout kept for the session id.
 pub const TAIL_CAP: usize = 4 * 1024 * 1024;
 
@@ -50,8 +51,10 @@ pub enum Stop {
 #[derive(Debug)]
 pub enum Ending {
     /// It ran and ended; `stop` says whether chan-run stopped it. `status` is `None` only
-    /// if it could not be reaped in time after SIGKILL.
-    Ran { status: Option<ExitStatus>, stop: Option<Stop> },
+    /// if the leader, `pid`, was not reapable within [`REAP_AFTER_KILL`] of its SIGKILL:
+    /// stuck in the kernel (state D), it runs none of its code again, and ends (reaped
+    /// by init) when the kernel lets it go.
+    Ran { status: Option<ExitStatus>, stop: Option<Stop>, pid: u32 },
     /// The command could not be executed (126) or found (127).
     SpawnFailed(io::Error),
     /// chan-run itself could not start it (out of file descriptors, processes or
@@ -102,7 +105,8 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
             };
         }
     };
-    on_spawn(child.id());
+    let pid = child.id();
+    on_spawn(pid);
     let (notice_rx, notice_tx) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
         Ok((r, w)) => (Arc::new(r), Some(w)),
         Err(_) => unreachable_pipe(),
@@ -132,7 +136,7 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         let _ = control.wait(None);
     }
     let stdout = output.finish();
-    Finished { ending: Ending::Ran { status, stop }, duration: started.elapsed(), stdout }
+    Finished { ending: Ending::Ran { status, stop, pid }, duration: started.elapsed(), stdout }
 }
 
 /// Whether a spawn error is chan-run's own lack of resources rather than the command's.
@@ -190,7 +194,7 @@ fn supervise(
         }
         if kill_at.is_some_and(|t| now >= t) {
             kill_at = None;
-            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            signal_command(pid, Signal::KILL);
             killed_at = Some(now);
         }
         if killed_at.is_some_and(|t| now >= t + REAP_AFTER_KILL) {
@@ -213,8 +217,18 @@ fn leader_exited(pid: Pid) -> bool {
 
 fn signal_group(pid: Pid, sig: i32) {
     if let Some(sig) = Signal::from_named_raw(sig) {
-        let _ = rustix::process::kill_process_group(pid, sig);
-        let _ = rustix::process::kill_process_group(pid, Signal::CONT);
+        signal_command(pid, sig);
+        signal_command(pid, Signal::CONT);
+    }
+}
+
+/// Sends `sig` to the command's process group and, if its leader has left that group,
+/// to the leader by pid as well (once: a second SIGINT can mean "force" to a CLI). The
+/// leader is chan-run's unreaped child, so its pid cannot name anyone else.
+fn signal_command(pid: Pid, sig: Signal) {
+    let _ = rustix::process::kill_process_group(pid, sig);
+    if sig == Signal::KILL || rustix::process::getpgid(Some(pid)).is_ok_and(|group| group != pid) {
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 

@@ -38,10 +38,10 @@ impl Outcome {
                 let message = format!("cannot run {shown}: {}", spawn_hint(e));
                 (ExitCode::from_spawn_error(e), Kind::SpawnFailed, None, None, Some((message, false)))
             }
-            Ending::Ran { status, stop } => {
+            Ending::Ran { status, stop, pid } => {
                 let exit = status.and_then(|s| s.code());
                 let signal = status.map_or(Some(libc::SIGKILL), |s| s.signal());
-                match stop {
+                let (code, kind, exit, signal, message) = match stop {
                     Some(Stop::Timeout) => {
                         let message = format!(
                             "{shown} timed out after {}; stopped it",
@@ -66,6 +66,10 @@ impl Outcome {
                         Some(s) => (ExitCode::from_status(*s), Kind::Failed, exit, None, None),
                         None => (ExitCode::Failed, Kind::Failed, None, signal, None),
                     },
+                };
+                match status {
+                    Some(_) => (code, kind, exit, signal, message),
+                    None => (code, kind, exit, signal, Some((unreaped(message, *pid), false))),
                 }
             }
         };
@@ -100,8 +104,20 @@ impl Outcome {
 /// The command's own status, for a message about a run whose lock was lost.
 pub fn command_status(finished: &Finished) -> Option<ExitCode> {
     match &finished.ending {
-        Ending::Ran { status: Some(s), stop: None } => Some(ExitCode::from_status(*s)),
+        Ending::Ran { status: Some(s), stop: None, .. } => Some(ExitCode::from_status(*s)),
         _ => None,
+    }
+}
+
+/// The ending's message, and that the SIGKILLed leader could not be reaped in time.
+fn unreaped(message: Option<(String, bool)>, pid: u32) -> String {
+    let stuck = format!(
+        "pid {pid} got SIGKILL but had not exited {} later (stuck in the kernel, state D?); it runs none of its code again and ends when the kernel lets it go",
+        crate::duration::short(crate::supervise::REAP_AFTER_KILL)
+    );
+    match message {
+        Some((message, _)) => format!("{message}; {stuck}"),
+        None => stuck,
     }
 }
 
