@@ -7,17 +7,23 @@
 //! WNOWAIT)`: as a zombie it still reserves the group's id, so when a stopped leader
 //! exits, what is left of its group is killed at once and only then is the leader reaped.
 //! chan-run so returns within timeout + kill-after + the 1 s output drain, whatever the
-//! descendants do. A command that exits on its own leaves its group alone.
+//! descendants do. A command that exits on its own leaves its group alone. A leader
+//! that left its group gets each signal by pid too, and is reaped before chan-run says
+//! it stopped it. On a terminal, the leader's stops are job control (`terminal.rs`).
+
+mod terminal;
+mod watch;
 
 use crate::control::Control;
 use crate::pump::{Output, Stream, Tail};
-use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
+use rustix::process::{Pid, Signal};
 use std::ffi::OsString;
 use std::io;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use terminal::Terminal;
 
 /// How long a SIGKILLed leader may take to become reapable before chan-run moves on
 /// (within SPEC's 1 s beyond timeout + kill-after, with the output drain).
@@ -70,8 +76,7 @@ pub struct Finished {
 
 pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Finished {
     let started = Instant::now();
-    // Decided once: the child takes the terminal, and chan-run takes it back.
-    let take_terminal = should_take_terminal();
+    let mut terminal = Terminal::new();
     let mut command = Command::new(&plan.command[0]);
     command.args(&plan.command[1..]);
     for (key, value) in &plan.env {
@@ -87,7 +92,7 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         crate::sys::ChildSetup {
             parent: rustix::process::getpid(),
             pid_slot: plan.pid_note,
-            take_terminal,
+            take_terminal: terminal.handed(),
             default_sigxfsz: control.sigxfsz_changed,
         },
     );
@@ -95,9 +100,7 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         Ok(child) => child,
         Err(e) => {
             // The child may have taken the terminal before its exec failed.
-            if take_terminal {
-                take_terminal_back();
-            }
+            terminal.take_back();
             return Finished {
                 ending: if is_own_failure(&e) { Ending::Unstarted(e) } else { Ending::SpawnFailed(e) },
                 duration: started.elapsed(),
@@ -118,10 +121,9 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     ];
     let mut output = Output::new(streams.into_iter().flatten().collect(), Arc::clone(&exited), notice_rx);
 
-    let (status, mut stop) = supervise(&mut child, &plan, control, started, &mut output);
-    if take_terminal {
-        take_terminal_back();
-    }
+    let (status, mut stop) =
+        watch::supervise(&mut child, &plan, control, started, &mut output, &mut terminal);
+    terminal.take_back();
     // Tells the pump the command is gone: it passes on what the pipes hold and stops
     // once they are empty, however long a descendant keeps them open. Only a reader
     // that stops reading can hold chan-run here, as it would hold the command.
@@ -149,98 +151,12 @@ fn unreachable_pipe() -> ! {
     std::process::exit(i32::from(crate::exit_code::ExitCode::Failed.code()))
 }
 
-fn supervise(
-    child: &mut Child,
-    plan: &Plan,
-    control: &Control,
-    started: Instant,
-    output: &mut Output,
-) -> (Option<ExitStatus>, Option<Stop>) {
-    let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
-    // A deadline too far to represent is no deadline.
-    let mut term_at = plan.timeout.and_then(|t| started.checked_add(t));
-    let mut kill_at: Option<Instant> = None;
-    let mut killed_at: Option<Instant> = None;
-    let mut stop = None;
-    loop {
-        if leader_exited(pid) {
-            if stop.is_some() {
-                // The grace ends when the leader does; its group goes with it.
-                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-            }
-            return (child.wait().ok(), stop);
-        }
-        let now = Instant::now();
-        if let Some(sig) = control.take_signal() {
-            signal_group(pid, sig);
-            if stop.is_none() {
-                stop = Some(Stop::Signal(sig));
-                kill_at = now.checked_add(plan.kill_after);
-            }
-        }
-        if control.lock_lost() && stop != Some(Stop::LockLost) {
-            signal_group(pid, libc::SIGTERM);
-            stop = Some(Stop::LockLost);
-            let grace = plan.lost_grace.map_or(plan.kill_after, |g| g.min(plan.kill_after));
-            kill_at = [kill_at, now.checked_add(grace)].into_iter().flatten().min();
-        }
-        if term_at.is_some_and(|t| now >= t) {
-            term_at = None;
-            if stop.is_none() {
-                signal_group(pid, libc::SIGTERM);
-                stop = Some(Stop::Timeout);
-                kill_at = now.checked_add(plan.kill_after);
-            }
-        }
-        if kill_at.is_some_and(|t| now >= t) {
-            kill_at = None;
-            signal_command(pid, Signal::KILL);
-            killed_at = Some(now);
-        }
-        if killed_at.is_some_and(|t| now >= t + REAP_AFTER_KILL) {
-            return (None, stop); // stuck in the kernel; the process exits without it
-        }
-        let next = [term_at.filter(|_| stop.is_none()), kill_at, killed_at.map(|t| t + REAP_AFTER_KILL)]
-            .into_iter()
-            .flatten()
-            .min();
-        let _ = control.wait_also(next, &output.pending());
-        output.poke(|| control.waker().ok());
-    }
-}
-
-/// Whether the leader has exited, without reaping it (so its group id stays reserved).
-fn leader_exited(pid: Pid) -> bool {
-    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-    matches!(rustix::process::waitid(WaitId::Pid(pid), options), Ok(Some(_)) | Err(_))
-}
-
-fn signal_group(pid: Pid, sig: i32) {
-    if let Some(sig) = Signal::from_named_raw(sig) {
-        signal_command(pid, sig);
-        signal_command(pid, Signal::CONT);
-    }
-}
-
 /// Sends `sig` to the command's process group and, if its leader has left that group,
 /// to the leader by pid as well (once: a second SIGINT can mean "force" to a CLI). The
 /// leader is chan-run's unreaped child, so its pid cannot name anyone else.
-fn signal_command(pid: Pid, sig: Signal) {
+pub(super) fn signal_command(pid: Pid, sig: Signal) {
     let _ = rustix::process::kill_process_group(pid, sig);
     if sig == Signal::KILL || rustix::process::getpgid(Some(pid)).is_ok_and(|group| group != pid) {
         let _ = rustix::process::kill_process(pid, sig);
     }
-}
-
-/// Whether the command should get the terminal: stdin is one and chan-run's group is
-/// its foreground group (a backgrounded chan-run must not steal it from the shell).
-fn should_take_terminal() -> bool {
-    let stdin = rustix::stdio::stdin();
-    rustix::termios::isatty(stdin)
-        && rustix::termios::tcgetpgrp(stdin).is_ok_and(|fg| fg == rustix::process::getpgrp())
-}
-
-fn take_terminal_back() {
-    let _blocked = crate::sys::SigttouBlocked::new();
-    let _ = rustix::termios::tcsetpgrp(rustix::stdio::stdin(), rustix::process::getpgrp());
 }
