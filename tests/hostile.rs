@@ -113,12 +113,14 @@ fn both_ignoring_sigterm_with_the_grandchild_holding_stdout() {
 #[test]
 fn grandchild_that_setsids_away_holding_stdout_does_not_hold_chan_run() {
     // The grandchild leaves the group and the session, ignores SIGTERM, and keeps the
-    // command's stdout and stderr open, writing to them: no group signal reaches it.
+    // command's stdout and stderr open, writing to them: no group signal reaches it. It
+    // ignores SIGPIPE too, so that it is still there to be found once chan-run (the
+    // pipes' reader) has exited.
     let (out, env, left) = hostile(Hostile {
         opts: &["-t", "0.5", "-k", "0.5"],
         script: r#"
         trap '' TERM
-        setsid sh -c 'echo $$ > "$T/gc"; while :; do echo tick; echo tock >&2; sleep 0.05; done' &
+        setsid sh -c 'trap "" PIPE; echo $$ > "$T/gc"; while :; do echo tick; echo tock >&2; sleep 0.05; done' &
         while :; do sleep 1; done
         "#,
         want: 124,

@@ -8,6 +8,7 @@ mod crash;
 mod exit_codes;
 mod hostile;
 mod io;
+mod limits;
 mod load;
 mod mutex;
 mod names;

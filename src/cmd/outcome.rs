@@ -30,8 +30,10 @@ impl Outcome {
         let shown = format!("'{}'", program.to_string_lossy());
         let (code, kind, exit_code, signal, message) = match &finished.ending {
             Ending::Unstarted(e) => {
-                let message =
-                    format!("cannot start {shown}: {e}; nothing ran, the channel's record is unchanged");
+                let (what, fix) = own_failure(e);
+                let message = format!(
+                    "cannot start {shown}: {what} ({e}){fix}; nothing ran, the channel's record is unchanged"
+                );
                 return Outcome { code: ExitCode::Failed, last_run: None, message: Some((message, false)) };
             }
             Ending::SpawnFailed(e) => {
@@ -123,6 +125,17 @@ fn unreaped(message: Option<(String, bool)>, pid: u32) -> String {
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// What chan-run itself ran out of, and what to do about it.
+fn own_failure(e: &std::io::Error) -> (&'static str, &'static str) {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => ("chan-run is out of file descriptors", "; raise `ulimit -n`"),
+        Some(libc::ENFILE) => ("the system's table of open files is full", ""),
+        Some(libc::EAGAIN) => ("chan-run cannot make a process", "; see `ulimit -u` and the system's limits"),
+        Some(libc::ENOMEM) => ("out of memory", ""),
+        _ => ("chan-run's own failure", ""),
+    }
 }
 
 fn spawn_hint(e: &std::io::Error) -> String {

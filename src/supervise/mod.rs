@@ -77,6 +77,53 @@ pub struct Finished {
 pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Finished {
     let started = Instant::now();
     let mut terminal = Terminal::new();
+    let mut command = command(&plan, control, &terminal);
+    // Everything chan-run needs for the run is had before the command starts: this pipe
+    // (it tells the output thread of the exit) and, inside `spawn`, the command's pipes
+    // and process. If one is missing, nothing ran and it is chan-run's own failure.
+    let (notice_rx, notice_tx) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+        Ok(notice) => notice,
+        Err(e) => return not_run(Ending::Unstarted(e.into()), started),
+    };
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            // The child may have taken the terminal before its exec failed.
+            terminal.take_back();
+            return not_run(
+                if is_own_failure(&e) { Ending::Unstarted(e) } else { Ending::SpawnFailed(e) },
+                started,
+            );
+        }
+    };
+    let pid = child.id();
+    on_spawn(pid);
+    let exited = Arc::new(AtomicBool::new(false));
+    let streams = [
+        child.stdout.take().map(|s| Stream::new(s.into(), 1, plan.tail_cap)),
+        child.stderr.take().map(|s| Stream::new(s.into(), 2, 0)),
+    ];
+    let streams = streams.into_iter().flatten().collect();
+    let mut output = Output::new(streams, Arc::clone(&exited), Arc::new(notice_rx));
+
+    let (status, mut stop) =
+        watch::supervise(&mut child, &plan, control, started, &mut output, &mut terminal);
+    terminal.take_back();
+    // Tells the pump the command is gone: it passes on what the pipes hold and stops
+    // once they are empty, however long a descendant keeps them open. Only a reader
+    // that stops reading can hold chan-run here, as it would hold the command.
+    exited.store(true, Ordering::SeqCst);
+    drop(notice_tx);
+    if let Some(sig) = drain(&mut output, control) {
+        stop.get_or_insert(Stop::Signal(sig)); // interrupted while passing output on
+    }
+    let stdout = output.finish();
+    Finished { ending: Ending::Ran { status, stop, pid }, duration: started.elapsed(), stdout }
+}
+
+/// The command as the plan says, in a process group of its own, with the terminal if
+/// chan-run hands it on.
+fn command(plan: &Plan, control: &Control, terminal: &Terminal) -> Command {
     let mut command = Command::new(&plan.command[0]);
     command.args(&plan.command[1..]);
     for (key, value) in &plan.env {
@@ -96,59 +143,30 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
             default_sigxfsz: control.sigxfsz_changed,
         },
     );
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            // The child may have taken the terminal before its exec failed.
-            terminal.take_back();
-            return Finished {
-                ending: if is_own_failure(&e) { Ending::Unstarted(e) } else { Ending::SpawnFailed(e) },
-                duration: started.elapsed(),
-                stdout: Tail::new(0),
-            };
-        }
-    };
-    let pid = child.id();
-    on_spawn(pid);
-    let (notice_rx, notice_tx) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
-        Ok((r, w)) => (Arc::new(r), Some(w)),
-        Err(_) => unreachable_pipe(),
-    };
-    let exited = Arc::new(AtomicBool::new(false));
-    let streams = [
-        child.stdout.take().map(|s| Stream::new(s.into(), 1, plan.tail_cap)),
-        child.stderr.take().map(|s| Stream::new(s.into(), 2, 0)),
-    ];
-    let mut output = Output::new(streams.into_iter().flatten().collect(), Arc::clone(&exited), notice_rx);
+    command
+}
 
-    let (status, mut stop) =
-        watch::supervise(&mut child, &plan, control, started, &mut output, &mut terminal);
-    terminal.take_back();
-    // Tells the pump the command is gone: it passes on what the pipes hold and stops
-    // once they are empty, however long a descendant keeps them open. Only a reader
-    // that stops reading can hold chan-run here, as it would hold the command.
-    exited.store(true, Ordering::SeqCst);
-    drop(notice_tx);
-    output.poke(|| control.waker().ok());
+/// Passes on what is left of the output once the command has exited; a forwarded
+/// signal cuts it short, and is returned.
+fn drain(output: &mut Output, control: &Control) -> Option<i32> {
+    output.poke(|| control.wake_handle());
     while output.busy() {
         if let Some(sig) = control.take_signal() {
-            stop.get_or_insert(Stop::Signal(sig)); // interrupted while passing output on
-            break;
+            return Some(sig);
         }
-        let _ = control.wait(None);
+        let _ = control.wait_also(None, &output.pending());
+        output.poke(|| control.wake_handle());
     }
-    let stdout = output.finish();
-    Finished { ending: Ending::Ran { status, stop, pid }, duration: started.elapsed(), stdout }
+    None
+}
+
+fn not_run(ending: Ending, started: Instant) -> Finished {
+    Finished { ending, duration: started.elapsed(), stdout: Tail::new(0) }
 }
 
 /// Whether a spawn error is chan-run's own lack of resources rather than the command's.
 fn is_own_failure(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM))
-}
-
-fn unreachable_pipe() -> ! {
-    crate::ui::say("cannot create a pipe (out of file descriptors?)");
-    std::process::exit(i32::from(crate::exit_code::ExitCode::Failed.code()))
 }
 
 /// Sends `sig` to the command's process group and, if its leader has left that group,

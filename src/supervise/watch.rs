@@ -100,7 +100,7 @@ pub(super) fn supervise(
             return (None, stages.stop); // stuck in the kernel; the process exits without it
         }
         let _ = control.wait_also(stages.next(), &output.pending());
-        output.poke(|| control.waker().ok());
+        output.poke(|| control.wake_handle());
     }
 }
 
