@@ -19,7 +19,7 @@ pub struct Control {
     /// chan-run ignores SIGXFSZ itself; its command must get the default back.
     pub sigxfsz_changed: bool,
     rx: UnixStream,
-    tx: UnixStream,
+    tx: Arc<UnixStream>,
     signal: Arc<AtomicUsize>,
     lock_lost: Arc<AtomicBool>,
 }
@@ -38,13 +38,14 @@ impl LockLostAlarm {
     }
 }
 
-/// A cheap handle other threads use to wake the main thread.
-pub struct Waker(UnixStream);
+/// A cheap handle other threads use to wake the main thread: it shares chan-run's own
+/// end of the wake socket, so making one costs no system call and cannot fail.
+pub struct Waker(Arc<UnixStream>);
 
 impl Waker {
     pub fn wake(&self) {
         // A full pipe already holds a wake-up; nothing is lost by dropping this one.
-        let _ = (&self.0).write(&[1]);
+        let _ = (&*self.0).write(&[1]);
     }
 }
 
@@ -106,15 +107,23 @@ impl Control {
         }
         signal_hook::low_level::pipe::register(SIGCHLD, tx.try_clone()?)?;
         let sigxfsz_changed = crate::sys::ignore_sigxfsz();
+        let tx = Arc::new(tx);
         Ok(Control { sigxfsz_changed, rx, tx, signal, lock_lost: Arc::new(AtomicBool::new(false)) })
     }
 
+    /// A handle that wakes the main thread from another thread.
+    pub fn wake_handle(&self) -> Waker {
+        Waker(Arc::clone(&self.tx))
+    }
+
+    /// As [`Control::wake_handle`], which cannot fail; the `Result` is the stores' (they
+    /// were written when a waker duplicated a descriptor).
     pub fn waker(&self) -> io::Result<Waker> {
-        Ok(Waker(self.tx.try_clone()?))
+        Ok(self.wake_handle())
     }
 
     pub fn lock_lost_alarm(&self) -> io::Result<LockLostAlarm> {
-        Ok(LockLostAlarm { flag: Arc::clone(&self.lock_lost), waker: self.waker()? })
+        Ok(LockLostAlarm { flag: Arc::clone(&self.lock_lost), waker: self.wake_handle() })
     }
 
     /// Whether the store raised the lock-lost alarm (it stays raised).
@@ -127,14 +136,19 @@ impl Control {
         self.wait_also(deadline, &[])
     }
 
-    /// As `wait`, and also wakes when one of `also` is readable (or hung up).
-    pub fn wait_also(&self, deadline: Option<Instant>, also: &[BorrowedFd<'_>]) -> io::Result<()> {
+    /// As `wait`, and also wakes when one of `also` is ready for its events (readable,
+    /// writable), or hung up.
+    pub fn wait_also(
+        &self,
+        deadline: Option<Instant>,
+        also: &[(BorrowedFd<'_>, PollFlags)],
+    ) -> io::Result<()> {
         let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
             Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ }
         });
         let mut fds: Vec<PollFd> = std::iter::once(PollFd::new(&self.rx, PollFlags::IN))
-            .chain(also.iter().map(|fd| PollFd::new(fd, PollFlags::IN)))
+            .chain(also.iter().map(|(fd, events)| PollFd::new(fd, *events)))
             .collect();
         match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}

@@ -9,6 +9,8 @@
 //! the pipe is empty, even if a descendant still holds it open. Bytes already read are
 //! always written out, however slow the reader. If chan-run's own output is closed (`| head`), the pump
 //! closes the command's pipe, so the command sees EPIPE/SIGPIPE as it would have.
+//! If no thread can be started (`ulimit -u`), the main thread copies instead, writing
+//! only what its fds take without blocking, so nothing is lost and the timeout holds.
 
 use crate::control::Waker;
 use rustix::event::{PollFd, PollFlags, poll};
@@ -19,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 const BUF: usize = 256 * 1024;
+/// What a pipe that `poll` calls writable takes in one `write` without blocking.
+const PIPE_BUF: usize = 4096;
 /// The pipe size asked for: fewer wake-ups per byte; the kernel may give less.
 const PIPE_SIZE: usize = 1024 * 1024;
 
@@ -61,12 +65,14 @@ pub struct Pump {
 }
 
 /// One stream to pass on: the command's pipe, chan-run's own fd 1 or 2, how many bytes
-/// of it to keep as a tail, and what was already read from it.
+/// of it to keep as a tail, and what was read from it but not yet written.
 pub struct Stream {
     pub src: OwnedFd,
     pub dst: i32,
     pub tail_cap: usize,
-    first: Vec<u8>,
+    unwritten: Vec<u8>,
+    /// After the command's exit (main thread's copy): how much more to pass on.
+    budget: Option<usize>,
 }
 
 impl Stream {
@@ -74,15 +80,18 @@ impl Stream {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         let _ = rustix::pipe::fcntl_setpipe_size(&src, PIPE_SIZE);
         let _ = rustix::io::ioctl_fionbio(&src, true);
-        Stream { src, dst, tail_cap, first: Vec::new() }
+        Stream { src, dst, tail_cap, unwritten: Vec::new(), budget: None }
     }
 }
 
 /// The output streams until the first byte comes: no thread is started for a command
-/// that prints nothing (a thread costs about as much as the rest of a quiet run).
+/// that prints nothing (a thread costs about as much as the rest of a quiet run). If no
+/// thread can be started (`ulimit -u`), the main thread copies them itself.
 pub struct Output {
     streams: Vec<Stream>,
     pump: Option<Pump>,
+    /// The main thread copies `streams` (no thread could be started); the tail of stdout.
+    inline: Option<Tail>,
     exited: Arc<AtomicBool>,
     notice: Arc<OwnedFd>,
 }
@@ -91,29 +100,38 @@ impl Output {
     /// `exited` is set, and `notice` becomes readable (its writer closed), when the
     /// command has exited.
     pub fn new(streams: Vec<Stream>, exited: Arc<AtomicBool>, notice: Arc<OwnedFd>) -> Output {
-        Output { streams, pump: None, exited, notice }
+        Output { streams, pump: None, inline: None, exited, notice }
     }
 
-    /// The pipes to wake up for while no thread copies them.
-    pub fn pending(&self) -> Vec<BorrowedFd<'_>> {
-        self.streams.iter().map(|s| s.src.as_fd()).collect()
+    /// What to wake up for while no thread copies the streams: a pipe readable, or, for
+    /// bytes the main thread could not write yet, chan-run's own fd writable.
+    pub fn pending(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+        (self.streams.iter())
+            .map(|s| match s.unwritten.is_empty() {
+                true => (s.src.as_fd(), PollFlags::IN),
+                false => (std_fd(s.dst), PollFlags::OUT),
+            })
+            .collect()
     }
 
     /// Looks at the pipes once (after a wake-up, or at the command's exit): drops those
     /// at end-of-file (and, after the exit, those empty), and at the first data hands
-    /// every stream to a copying thread.
-    pub fn poke(&mut self, waker: impl FnOnce() -> Option<Waker>) {
+    /// every stream to a copying thread (or, if none can start, copies on this one).
+    pub fn poke(&mut self, waker: impl FnOnce() -> Waker) {
         if self.pump.is_some() {
             return;
         }
         let ended = self.exited.load(Ordering::SeqCst);
+        if let Some(tail) = &mut self.inline {
+            return copy_some(&mut self.streams, tail, ended);
+        }
         let mut data = false;
         self.streams.retain_mut(|stream| {
             let mut buf = Vec::with_capacity(16 * 1024);
             match rustix::io::read(&stream.src, rustix::buffer::spare_capacity(&mut buf)) {
                 Ok(0) => false,
                 Ok(_) => {
-                    stream.first = buf;
+                    stream.unwritten = buf;
                     data = true;
                     true
                 }
@@ -121,19 +139,36 @@ impl Output {
                 Err(_) => false,
             }
         });
-        if data && let Some(waker) = waker() {
-            let streams = std::mem::take(&mut self.streams);
-            self.pump = Some(Pump::start(streams, Arc::clone(&self.exited), Arc::clone(&self.notice), waker));
+        if !data {
+            return;
+        }
+        let streams = std::mem::take(&mut self.streams);
+        match Pump::start(streams, Arc::clone(&self.exited), Arc::clone(&self.notice), waker()) {
+            Ok(pump) => self.pump = Some(pump),
+            Err((e, streams)) => {
+                crate::ui::warn(format!(
+                    "cannot start the output thread ({e}; see `ulimit -u`); copying on the main thread"
+                ));
+                let mut tail = Tail::new(streams.first().map_or(0, |s| s.tail_cap));
+                streams.iter().filter(|s| s.tail_cap > 0).for_each(|s| tail.push(&s.unwritten));
+                self.streams = streams;
+                copy_some(&mut self.streams, &mut tail, ended);
+                self.inline = Some(tail);
+            }
         }
     }
 
-    /// Whether a copying thread is still at work.
+    /// Whether output is still being passed on (by the thread, or this one).
     pub fn busy(&self) -> bool {
         self.pump.as_ref().is_some_and(|p| !p.is_done())
+            || (self.inline.is_some() && !self.streams.is_empty())
     }
 
     /// The kept tail of stdout; joins the thread if it has finished.
     pub fn finish(self) -> Tail {
+        if let Some(tail) = self.inline {
+            return tail;
+        }
         let Some(pump) = self.pump else { return Tail::default() };
         let tail = pump.tail.lock().ok().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
         pump.finish();
@@ -141,23 +176,89 @@ impl Output {
     }
 }
 
+/// How many reads one look of the main thread's copy makes at most, so a flood never
+/// keeps it from the timeout and signals.
+const INLINE_READS: usize = 16;
+
+/// The main thread's copy: reads what the pipes hold and writes it out only as far as
+/// chan-run's own fds take it without blocking (a pipe that `poll` calls writable takes
+/// `PIPE_BUF` bytes at once), so a reader that stops reading can never keep chan-run from
+/// the timeout. After the exit, as the thread does: at most one pipe's capacity more,
+/// and done at the first empty read.
+fn copy_some(streams: &mut Vec<Stream>, tail: &mut Tail, ended: bool) {
+    streams.retain_mut(|stream| {
+        if ended && stream.budget.is_none() {
+            stream.budget = Some(pipe_size(&stream.src));
+        }
+        for _ in 0..INLINE_READS {
+            while !stream.unwritten.is_empty() {
+                match write_ready(std_fd(stream.dst), &stream.unwritten) {
+                    Ok(0) => return true,
+                    Ok(n) => drop(stream.unwritten.drain(..n)),
+                    // The reader is gone: dropping `src` closes the pipe (EPIPE for the command).
+                    Err(_) => return false,
+                }
+            }
+            if stream.budget == Some(0) {
+                return false;
+            }
+            let mut buf = Vec::with_capacity(16 * 1024);
+            match rustix::io::read(&stream.src, rustix::buffer::spare_capacity(&mut buf)) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    if stream.tail_cap > 0 {
+                        tail.push(&buf);
+                    }
+                    stream.budget = stream.budget.map(|left| left.saturating_sub(n));
+                    stream.unwritten = buf;
+                }
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return stream.budget.is_none(),
+                Err(_) => return false,
+            }
+        }
+        true
+    });
+}
+
+/// Writes a first part of `data` if `dst` takes it now: `Ok(0)` when it would block.
+fn write_ready(dst: BorrowedFd<'_>, data: &[u8]) -> rustix::io::Result<usize> {
+    let mut fds = [PollFd::new(&dst, PollFlags::OUT)];
+    match poll(&mut fds, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 })) {
+        Ok(0) | Err(Errno::INTR) => Ok(0),
+        Ok(_) => match rustix::io::write(dst, &data[..data.len().min(PIPE_BUF)]) {
+            Err(Errno::INTR | Errno::AGAIN) => Ok(0),
+            written => written,
+        },
+        Err(e) => Err(e),
+    }
+}
+
 impl Pump {
-    /// Copies each stream's pipe to its destination on one new thread (one for both).
-    fn start(streams: Vec<Stream>, exited: Arc<AtomicBool>, notice: Arc<OwnedFd>, waker: Waker) -> Pump {
+    /// Copies each stream's pipe to its destination on one new thread (one for both);
+    /// if the thread cannot start, gives the streams back.
+    fn start(
+        streams: Vec<Stream>,
+        exited: Arc<AtomicBool>,
+        notice: Arc<OwnedFd>,
+        waker: Waker,
+    ) -> Result<Pump, (std::io::Error, Vec<Stream>)> {
         let done = Arc::new(AtomicBool::new(false));
         let tail = Arc::new(Mutex::new(Tail::new(streams.first().map_or(0, |s| s.tail_cap))));
         let (done2, tail2) = (Arc::clone(&done), Arc::clone(&tail));
+        // Handed over through a slot, so that they come back if the thread never starts.
+        let slot = Arc::new(Mutex::new(Some(streams)));
+        let taken = Arc::clone(&slot);
         let handle = std::thread::Builder::new().spawn(move || {
+            let streams = taken.lock().ok().and_then(|mut s| s.take()).unwrap_or_default();
             copy(streams, &tail2, &exited, &notice);
             done2.store(true, Ordering::SeqCst);
             waker.wake();
         });
-        if let Err(e) = &handle {
-            // Its pipes are closed with it: the command gets EPIPE rather than hang.
-            crate::ui::warn(format!("cannot start the output thread ({e}); the command's output is lost"));
-            done.store(true, Ordering::SeqCst);
+        match handle {
+            Ok(handle) => Ok(Pump { handle: Some(handle), done, tail }),
+            Err(e) => Err((e, slot.lock().ok().and_then(|mut s| s.take()).unwrap_or_default())),
         }
-        Pump { handle: handle.ok(), done, tail }
     }
 
     fn is_done(&self) -> bool {
@@ -194,9 +295,9 @@ fn copy(streams: Vec<Stream>, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &
         if stream.keeps_tail
             && let Ok(mut t) = tail.lock()
         {
-            t.push(&s.first);
+            t.push(&s.unwritten);
         }
-        if write_all(stream.dst, &s.first).is_ok() {
+        if write_all(stream.dst, &s.unwritten).is_ok() {
             open.push(stream);
         }
     }

@@ -113,12 +113,14 @@ fn both_ignoring_sigterm_with_the_grandchild_holding_stdout() {
 #[test]
 fn grandchild_that_setsids_away_holding_stdout_does_not_hold_chan_run() {
     // The grandchild leaves the group and the session, ignores SIGTERM, and keeps the
-    // command's stdout and stderr open, writing to them: no group signal reaches it.
+    // command's stdout and stderr open, writing to them: no group signal reaches it. It
+    // ignores SIGPIPE too, so that it is still there to be found once chan-run (the
+    // pipes' reader) has exited.
     let (out, env, left) = hostile(Hostile {
         opts: &["-t", "0.5", "-k", "0.5"],
         script: r#"
         trap '' TERM
-        setsid sh -c 'echo $$ > "$T/gc"; while :; do echo tick; echo tock >&2; sleep 0.05; done' &
+        setsid sh -c 'trap "" PIPE; echo $$ > "$T/gc"; while :; do echo tick; echo tock >&2; sleep 0.05; done' &
         while :; do sleep 1; done
         "#,
         want: 124,
@@ -263,4 +265,55 @@ fn a_gibibyte_of_output_passes_through_in_bounded_memory() {
     let rate = total as f64 / out.elapsed.as_secs_f64() / MIB as f64;
     eprintln!("hostile: {} MiB in {:?} ({rate:.0} MiB/s), peak RSS {peak} KiB", total / MIB, out.elapsed);
     assert!(out.elapsed < Duration::from_secs(120));
+}
+
+/// A leader that clears its parent-death signal, moves to a process group of its own
+/// child's (in the same session, so `setsid` would not do), writes its pid to `$T/pid`
+/// and its child's to `$T/kid`, creates `$T/in` and then sleeps; with `ignore_term` it
+/// also ignores SIGTERM. No group signal reaches it: only its pid does.
+fn leader_that_leaves_its_group(ignore_term: bool) -> Vec<String> {
+    let ignore = if ignore_term { "$SIG{TERM} = 'IGNORE';" } else { "" };
+    let perl = format!(
+        r#"{ignore}
+        my $kid = fork // die "fork: $!";
+        if (!$kid) {{ setpgrp(0, 0); sleep 60; exit 0 }}
+        setpgrp($kid, $kid);
+        setpgrp(0, $kid) or die "setpgrp: $!";
+        die "still in my group" if getpgrp() == $$;
+        for (["pid", $$], ["kid", $kid], ["in", ""]) {{
+            open(my $f, '>', "$ENV{{T}}/$_->[0]") or die; print $f $_->[1]; close $f;
+        }}
+        sleep 1 while 1;
+        "#
+    );
+    ["setpriv", "--pdeathsig", "clear", "perl", "-e", &perl].map(str::to_owned).to_vec()
+}
+
+#[test]
+fn leader_that_leaves_its_group_and_ignores_sigterm_is_killed_and_reaped() {
+    let env = TestEnv::new();
+    let run = env.spawn(&["-c", "left", "-t", "0.5", "-k", "0.5"], &leader_that_leaves_its_group(true));
+    let out = run.finish(PATIENCE);
+    let (leader, kid) = (env.read_pid("pid"), env.read_pid("kid"));
+    let _cleanup = KillOnDrop(vec![leader, kid]);
+    out.assert_code(124);
+    assert_between(out.elapsed, secs(0.9), secs(2.5));
+    // Gone, not only signalled: chan-run reaped it before it exited.
+    assert!(!is_alive(leader), "the leader outlived chan-run's 'stopped it'");
+    assert!(std::fs::metadata(format!("/proc/{leader}")).is_err(), "the leader was not reaped");
+    assert!(is_alive(kid), "test premise: the child that left the group is out of reach");
+}
+
+#[test]
+fn leader_that_leaves_its_group_gets_the_timeouts_sigterm() {
+    let env = TestEnv::new();
+    let run = env.spawn(&["-c", "left", "-t", "0.5", "-k", "10"], &leader_that_leaves_its_group(false));
+    let out = run.finish(PATIENCE);
+    let (leader, kid) = (env.read_pid("pid"), env.read_pid("kid"));
+    let _cleanup = KillOnDrop(vec![leader, kid]);
+    out.assert_code(124);
+    // The SIGTERM ended it; SIGKILL 10 s later was not needed.
+    assert_between(out.elapsed, secs(0.4), secs(3.0));
+    assert!(!is_alive(leader));
+    env.run(&["-c", "left", "-n"], &["true"]).assert().success();
 }

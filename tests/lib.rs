@@ -9,6 +9,7 @@ mod exit_codes;
 mod hardening;
 mod hostile;
 mod io;
+mod limits;
 mod load;
 mod mutex;
 mod names;

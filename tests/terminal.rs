@@ -176,3 +176,127 @@ fn ctrl_c_on_the_terminal_stops_the_command() {
     assert!(out.stdout().contains("rc=130"), "{:?}", out.stdout());
     assert!(!is_alive(pid));
 }
+
+/// The fields `pgrp` and `tpgid` of `/proc/$$/stat` in a shell: equal when its process
+/// group is the terminal's foreground group.
+const FOREGROUND: &str = r#"set -- $(sed 's/.*) //' /proc/$$/stat | cut -d' ' -f3,6); [ "$1" = "$2" ]"#;
+
+/// A shell with job control (`set -m`) on a new terminal runs `run_opts` on a command
+/// that writes its pid to `$T/pid`, creates `$T/in` and waits for a writer to open the
+/// FIFO `$T/go` (see [`open_fifo_gate`]); the test types ^Z.  The command forks nothing
+/// while it waits: a ^Z that stops a `vfork` child before its `exec` would leave the
+/// shell stuck in the kernel, never stopped, with or without chan-run. The shell, once it has the prompt back, creates `$T/back`, waits for `$T/resume`
+/// and runs `then` (`fg` or `bg; wait`). Returns the keyboard (kept open), the run, and
+/// the pids of chan-run and its command.
+fn stopped_with_ctrl_z(
+    env: &TestEnv,
+    run_opts: &str,
+    then: &str,
+) -> (std::process::ChildStdin, Running, u32, u32) {
+    let command = format!(
+        r#"echo $$ > "$T/pid"; : > "$T/in"; read go < "$T/go"; {FOREGROUND} && echo "command has the terminal"; echo done"#
+    );
+    std::fs::write(env.path("cmd.sh"), command).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(env.path("go")).status().unwrap().success());
+    let body = format!(
+        r#"set -m
+        "$B" run -c tty {run_opts} -- sh "$T/cmd.sh"
+        echo "stopped rc=$?"
+        {FOREGROUND} && echo "shell has the terminal"
+        : > "$T/back"
+        while [ ! -e "$T/resume" ]; do sleep 0.01; done
+        {then}
+        echo "rc=$?"
+        {FOREGROUND} && echo "shell has the terminal at the end"
+        "#
+    );
+    let script = env.path("on-terminal.sh");
+    std::fs::write(&script, body).unwrap();
+    let mut cmd = std::process::Command::new("script");
+    env.apply(&mut cmd);
+    cmd.env("SHELL", "/bin/sh").arg("-qec").arg(format!("sh '{}'", script.display())).arg("/dev/null");
+    let mut run = Running::start_with_stdin(cmd);
+    let mut keyboard = run.child().stdin.take().unwrap();
+    env.wait_for_file("in");
+    let command = env.read_pid("pid");
+    let chan_run = proc_stat(command).1;
+    keyboard.write_all(b"\x1a").unwrap();
+    keyboard.flush().unwrap();
+    (keyboard, run, chan_run, command)
+}
+
+/// Lets the command past `read go < "$T/go"`: opens the FIFO for writing (as soon as the
+/// command has it open for reading) and closes it, an end-of-file for `read`.
+fn open_fifo_gate(env: &TestEnv) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(env.path("go"));
+    wait_until("the command to open $T/go", || open().is_ok());
+}
+
+/// Field 3 (state) and 4 (parent) of `/proc/PID/stat`.
+fn proc_stat(pid: u32) -> (char, u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let mut fields = stat[stat.rfind(')').map_or(0, |i| i + 2)..].split_whitespace();
+    let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+    (state, fields.next().and_then(|p| p.parse().ok()).unwrap_or(0))
+}
+
+#[test]
+fn ctrl_z_stops_the_run_and_fg_hands_the_terminal_back_to_the_command() {
+    let env = TestEnv::new();
+    let (keyboard, run, chan_run, command) = stopped_with_ctrl_z(&env, "-t 30", "fg");
+    let _cleanup = KillOnDrop(vec![command, chan_run]);
+    // The shell has its prompt back, with chan-run and its command both stopped.
+    env.wait_for_file("back");
+    assert_eq!(proc_stat(chan_run).0, 'T', "chan-run is not stopped");
+    assert_eq!(proc_stat(command).0, 'T', "the command is not stopped");
+    env.open_gate("resume");
+    open_fifo_gate(&env);
+    let mut out = run.finish(PATIENCE);
+    drop(keyboard);
+    out.stdout.retain(|&b| b != b'\r');
+    let shown = out.stdout();
+    for want in [
+        "shell has the terminal\n",
+        "command has the terminal\n",
+        "done\n",
+        "rc=0\n",
+        "shell has the terminal at the end\n",
+    ] {
+        assert!(shown.contains(want), "missing {want:?} in what the terminal showed:\n{shown}");
+    }
+}
+
+#[test]
+fn a_stopped_spell_does_not_count_toward_the_timeout() {
+    // Stopped for 4 s against a 3 s timeout, and then left to finish: not timed out.
+    let env = TestEnv::new();
+    let (keyboard, run, chan_run, command) = stopped_with_ctrl_z(&env, "-t 3", "fg");
+    let _cleanup = KillOnDrop(vec![command, chan_run]);
+    env.wait_for_file("back");
+    std::thread::sleep(secs(4.0));
+    env.open_gate("resume");
+    open_fifo_gate(&env);
+    let mut out = run.finish(PATIENCE);
+    drop(keyboard);
+    out.stdout.retain(|&b| b != b'\r');
+    let shown = out.stdout();
+    assert!(shown.contains("done\n") && shown.contains("rc=0\n"), "{shown}");
+}
+
+#[test]
+fn bg_after_ctrl_z_leaves_the_terminal_to_the_shell() {
+    let env = TestEnv::new();
+    let (keyboard, run, chan_run, command) = stopped_with_ctrl_z(&env, "-t 30", r#"bg; : > "$T/go"; wait"#);
+    let _cleanup = KillOnDrop(vec![command, chan_run]);
+    env.wait_for_file("back");
+    env.open_gate("resume");
+    let mut out = run.finish(PATIENCE);
+    drop(keyboard);
+    out.stdout.retain(|&b| b != b'\r');
+    let shown = out.stdout();
+    for want in ["done\n", "rc=0\n", "shell has the terminal at the end\n"] {
+        assert!(shown.contains(want), "missing {want:?} in what the terminal showed:\n{shown}");
+    }
+    assert!(!shown.contains("command has the terminal"), "{shown}");
+}

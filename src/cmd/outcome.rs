@@ -30,18 +30,20 @@ impl Outcome {
         let shown = shown(program);
         let (code, kind, exit_code, signal, message) = match &finished.ending {
             Ending::Unstarted(e) => {
-                let message =
-                    format!("cannot start {shown}: {e}; nothing ran, the channel's record is unchanged");
+                let (what, fix) = own_failure(e);
+                let message = format!(
+                    "cannot start {shown}: {what} ({e}){fix}; nothing ran, the channel's record is unchanged"
+                );
                 return Outcome { code: ExitCode::Failed, last_run: None, message: Some((message, false)) };
             }
             Ending::SpawnFailed(e) => {
                 let message = format!("cannot run {shown}: {}", spawn_hint(e));
                 (ExitCode::from_spawn_error(e), Kind::SpawnFailed, None, None, Some((message, false)))
             }
-            Ending::Ran { status, stop } => {
+            Ending::Ran { status, stop, pid } => {
                 let exit = status.and_then(|s| s.code());
                 let signal = status.map_or(Some(libc::SIGKILL), |s| s.signal());
-                match stop {
+                let (code, kind, exit, signal, message) = match stop {
                     Some(Stop::Timeout) => {
                         let message = format!(
                             "{shown} timed out after {}; stopped it",
@@ -66,6 +68,10 @@ impl Outcome {
                         Some(s) => (ExitCode::from_status(*s), Kind::Failed, exit, None, None),
                         None => (ExitCode::Failed, Kind::Failed, None, signal, None),
                     },
+                };
+                match status {
+                    Some(_) => (code, kind, exit, signal, message),
+                    None => (code, kind, exit, signal, Some((unreaped(message, *pid), false))),
                 }
             }
         };
@@ -105,7 +111,7 @@ impl Outcome {
 /// The command's own status, for a message about a run whose lock was lost.
 pub fn command_status(finished: &Finished) -> Option<ExitCode> {
     match &finished.ending {
-        Ending::Ran { status: Some(s), stop: None } => Some(ExitCode::from_status(*s)),
+        Ending::Ran { status: Some(s), stop: None, .. } => Some(ExitCode::from_status(*s)),
         _ => None,
     }
 }
@@ -115,8 +121,31 @@ pub fn shown(program: &OsString) -> String {
     format!("'{}'", program.to_string_lossy())
 }
 
+/// The ending's message, and that the SIGKILLed leader could not be reaped in time.
+fn unreaped(message: Option<(String, bool)>, pid: u32) -> String {
+    let stuck = format!(
+        "pid {pid} got SIGKILL but had not exited {} later (stuck in the kernel, state D?); it runs none of its code again and ends when the kernel lets it go",
+        crate::duration::short(crate::supervise::REAP_AFTER_KILL)
+    );
+    match message {
+        Some((message, _)) => format!("{message}; {stuck}"),
+        None => stuck,
+    }
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// What chan-run itself ran out of, and what to do about it.
+fn own_failure(e: &std::io::Error) -> (&'static str, &'static str) {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => ("chan-run is out of file descriptors", "; raise `ulimit -n`"),
+        Some(libc::ENFILE) => ("the system's table of open files is full", ""),
+        Some(libc::EAGAIN) => ("chan-run cannot make a process", "; see `ulimit -u` and the system's limits"),
+        Some(libc::ENOMEM) => ("out of memory", ""),
+        _ => ("chan-run's own failure", ""),
+    }
 }
 
 fn spawn_hint(e: &std::io::Error) -> String {
