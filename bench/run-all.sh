@@ -51,7 +51,8 @@ python3 - "$results" "$summary_out" <<PY
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 order = ["overhead-tmpfs", "overhead-disk", "throughput-tmpfs", "throughput-disk", "handoff-tmpfs",
-         "handoff-disk", "scale-time-tmpfs", "scale-time-disk", "scale-rss-tmpfs", "scale-rss-disk",
+         "handoff-disk", "scale-time-tmpfs", "scale-time-disk", "scale-new-tmpfs", "scale-new-disk",
+         "scale-rss-tmpfs", "scale-rss-disk",
          "passthrough-rate", "passthrough-rss", "timeout", "callgrind",
          "pg-overhead-fsync-off", "pg-overhead-fsync-on", "pg-overhead-pool", "handoff-pg-fsync-off",
          "handoff-pg-fsync-on", "handoff-pg-pool", "pg-skipped"]

@@ -72,6 +72,9 @@ impl Refused {
     pub fn message(&self, shown: &Path) -> String {
         let shown = shown.display();
         match self {
+            Refused::Os(e) if *e == Errno::MFILE || *e == Errno::NFILE => {
+                format!("cannot open {shown}: {e} (chan-run is out of file descriptors: raise `ulimit -n`)")
+            }
             Refused::Os(e) => format!("cannot open {shown}: {e}"),
             Refused::Link => {
                 format!("{shown} is a symbolic link; chan-run never follows one there: remove it")
