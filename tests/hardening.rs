@@ -373,3 +373,78 @@ fn a_state_directory_link_swapped_by_another_user_never_reaches_their_files() {
     assert_eq!(list(&planted), ["active.json"], "files were made in their directory");
     assert_eq!(runs_in(state_json(&env).as_ref(), "x"), 1 + ran);
 }
+
+#[test]
+fn removing_the_first_record_keeps_the_file_valid_and_the_others_whole() {
+    let env = TestEnv::new();
+    env.run(&["-c", "first"], &sh(r#"echo '{"session_id":"s-first"}'"#)).assert().success();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.run(&["-c", "second"], &sh(r#"echo '{"session_id":"s-second"}'"#)).assert().success();
+    env.command().args(["gc", "--idle-for", "1s"]).assert().success().stdout(contains("removed first"));
+    // The first slot now holds a placeholder of `second`, whose record is further on.
+    let text = std::fs::read_to_string(env.state().join("active.json")).unwrap();
+    assert_eq!(text.matches(r#""second":"#).count(), 2, "{text}");
+    let state = state_json(&env).unwrap();
+    assert_eq!(state["channels"].as_object().unwrap().len(), 1);
+    assert_eq!(state["channels"]["second"]["session_id"], "s-second");
+    env.run(&["-c", "second"], &sh(SHOW_SESSION)).assert().success().stdout("s-second");
+    assert_eq!(runs_in(state_json(&env).as_ref(), "second"), 2);
+    env.command().args(["status", "--json"]).assert().success().stdout(contains("s-second"));
+    // Removing the last one empties the file: valid at every step.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.command().args(["gc", "--idle-for", "1s"]).assert().success().stdout(contains("removed second"));
+    assert_eq!(state_json(&env).unwrap()["channels"], serde_json::json!({}));
+    env.run(&["-c", "third"], &["true"]).assert().success();
+    assert_eq!(runs_in(state_json(&env).as_ref(), "third"), 1);
+}
+
+#[test]
+fn gc_killed_at_random_moments_loses_no_kept_record() {
+    // Each round leaves 40 idle channels behind 10 kept ones, and SIGKILLs a gc at a
+    // random moment of its removals and compaction. Then a new channel's run (which
+    // finishes a cut gc left midway) must see a file that parses, with every kept
+    // record whole, and nothing quarantined.
+    let env = TestEnv::new();
+    let seed = Rng::seed();
+    eprintln!("gc kills: seed {seed}");
+    let mut rng = Rng::new(seed);
+    let kept: Vec<String> = (0..10).map(|i| format!("keep{i}")).collect();
+    for (i, name) in kept.iter().enumerate() {
+        env.run(&["-c", name], &sh(&format!(r#"echo '{{"session_id":"k{i}"}}'"#))).assert().success();
+    }
+    let rounds = scaled(4, 16);
+    for round in 0..rounds {
+        for i in 0..40 {
+            env.run(&["-c", &format!("g{round}-{i}")], &sh(&format!(r#"echo '{{"session_id":"g{i}"}}'"#)))
+                .assert()
+                .success();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        for name in &kept {
+            env.run(&["-c", name], &["true"]).assert().success();
+        }
+        let mut gc = env.std_command();
+        gc.args(["gc", "--idle-for", "1s"]).stdout(std::process::Stdio::null());
+        let mut gc = gc.spawn().unwrap();
+        std::thread::sleep(rng.duration_up_to(std::time::Duration::from_millis(40)));
+        let _ = gc.kill();
+        let _ = gc.wait();
+        env.run(&["-c", &format!("probe{round}")], &["true"]).assert().success();
+        let state = state_json(&env).expect("active.json");
+        for (i, name) in kept.iter().enumerate() {
+            let record = &state["channels"][name];
+            assert_eq!(record["runs"], 2 + round as u64, "round {round}: {name}: {record}");
+            assert_eq!(record["session_id"], format!("k{i}"), "round {round}: {name}");
+        }
+        assert!(quarantined(&env).is_empty(), "round {round}: {:?}", quarantined(&env));
+    }
+    // A whole gc afterwards leaves only the kept channels and the probes, compacted.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    for name in &kept {
+        env.run(&["-c", name], &["true"]).assert().success();
+    }
+    env.command().args(["gc", "--idle-for", "1s"]).assert().success();
+    let state = state_json(&env).unwrap();
+    let names: Vec<&String> = state["channels"].as_object().unwrap().keys().collect();
+    assert_eq!(names.len(), kept.len(), "{names:?}");
+}

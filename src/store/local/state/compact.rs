@@ -37,13 +37,8 @@ impl ActiveFile<'_> {
     pub fn remove(&self, names: &[String]) -> Result<(), RecordError> {
         let mut s = self.settle(Waits::new(self.control), false)?;
         for name in names {
-            let mut found = s.lines_of(name).map_err(|d| anyhow::anyhow!("{}: {}", self.shown(), d.0))?;
-            // The first slot first: a placeholder there must never outlive the line it
-            // stands before.
-            found.sort_by_key(|l| !l.first);
-            for line in &found {
-                s.blank(name, line).map_err(|e| anyhow::Error::new(e).context(self.cannot_write()))?;
-            }
+            let found = s.lines_of(name).map_err(|d| anyhow::anyhow!("{}: {}", self.shown(), d.0))?;
+            s.blank_all(name, &found).map_err(|e| anyhow::Error::new(e).context(self.cannot_write()))?;
         }
         s.file.sync_data().map_err(|e| anyhow::Error::new(e).context(self.cannot_write()))?;
         Ok(())

@@ -307,7 +307,7 @@ impl Structure<'_> {
     }
 
     /// Blanks `name`'s `line` (the first member line becomes a placeholder).
-    pub fn blank(&mut self, name: &str, line: &Line) -> io::Result<()> {
+    fn blank(&mut self, name: &str, line: &Line) -> io::Result<()> {
         // Fillers are written as 512-byte lines, so any aligned place in a hole starts a
         // line (compaction writes records there).
         let blank = || layout::fillers(line.offset, line.offset + line.size);
@@ -324,6 +324,20 @@ impl Structure<'_> {
         };
         self.file.write_all_at(&bytes, line.offset)?;
         self.index.remove(name, line.offset)
+    }
+
+    /// Removes every one of `lines` (all of `name`'s), in the order that keeps the file
+    /// valid JSON after each write: the first slot's line first while another key can
+    /// take the placeholder there (so a crash leaves the record whole), else last (so a
+    /// crash leaves at worst the placeholder `{}` of the record being removed).
+    pub fn blank_all(&mut self, name: &str, lines: &[Line]) -> io::Result<()> {
+        let others = lines.iter().any(|l| l.first) && self.other_key(name)?.is_some();
+        let mut lines = lines.to_vec();
+        lines.sort_by_key(|l| l.first != others);
+        for line in &lines {
+            self.blank(name, line)?;
+        }
+        Ok(())
     }
 
     /// A key other than `name` with a line further on than the first slot.

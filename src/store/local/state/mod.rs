@@ -263,10 +263,10 @@ impl<'a> ActiveFile<'a> {
                 Some(s.add(name, record)?)
             }
         };
-        // The older lines go: blanked, or a first-slot placeholder kept for another key.
-        for line in found.iter().filter(|l| empty || !l.first) {
-            s.blank(name, line)?;
-        }
+        // The older lines go (all of them for an emptied record); a line in the first slot
+        // stays, as the placeholder it is (a record there never needs to move).
+        let older: Vec<Line> = found.iter().filter(|l| empty || !l.first).cloned().collect();
+        s.blank_all(name, &older)?;
         s.file.sync_data()?;
         hint.set(at, false)?;
         Ok(())
