@@ -1,4 +1,4 @@
-//! The PostgreSQL store's central promise (src/store/postgres.rs, step 5): a holder cut
+//! The PostgreSQL store's central promise (src/store/postgres/heartbeat.rs, step 5): a holder cut
 //! off from the server by the network stops its command before the server can drop the
 //! holder's session and hand the lock to a caller on another host. The holder runs in a
 //! network namespace of the test's own, joined to this host by a veth pair; the cut then
