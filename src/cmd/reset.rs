@@ -22,6 +22,7 @@ pub fn reset(store: &dyn Store, args: ResetArgs, control: &Control) -> anyhow::R
         started_at: SystemTime::now(),
         command: &command,
         spawn_ticks: crate::procfs::now_ticks(),
+        ends_by: None,
     };
     lease.announce(&holder)?;
     let mut forgotten = None;

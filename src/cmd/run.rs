@@ -13,6 +13,9 @@ use crate::ui;
 use std::ffi::OsString;
 use std::time::SystemTime;
 
+/// SPEC's return-time promise: timeout + kill-after + this.
+const RETURN_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
     super::held::refuse_self_deadlock(&store.id(), &channel)?;
@@ -35,13 +38,16 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
         started_at,
         command: &command,
         spawn_ticks: crate::procfs::now_ticks(),
+        ends_by: Some(args.timeout)
+            .filter(|t| !t.is_zero())
+            .and_then(|t| std::time::Instant::now().checked_add(t + args.kill_after + RETURN_SLACK)),
     };
     if let Err(e) = lease.announce(&holder) {
         ui::warn(format!("cannot record the holder ({e:#}); running anyway"));
     }
     let plan = Plan {
         command: &command,
-        env: command_env(&store.id(), &channel, session.as_deref(), lease.fence()),
+        env: command_env(store, &channel, session.as_deref(), lease.fence()),
         timeout: Some(args.timeout).filter(|t| !t.is_zero()),
         kill_after: args.kill_after,
         pid_note: lease.pid_slot(),
@@ -85,7 +91,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &Control) -> anyhow::Resul
             return Ok(ExitCode::LockLost);
         }
         Err(WriteError::Failed(e)) => {
-            ui::warn(format!("the run was not recorded in active.json ({e:#}); exit status kept"));
+            ui::warn(format!("the run was not recorded ({e:#}); exit status kept"));
         }
     }
     if let Err(e) = logged {
@@ -112,8 +118,10 @@ fn warn_if_elsewhere(channel: &Channel, record: &ChannelRecord, resuming: bool, 
     }
 }
 
+/// The command's environment: the channel, its session, the held-channel marks, the
+/// fence, and the store without its password.
 fn command_env(
-    store: &str,
+    store: &dyn Store,
     channel: &Channel,
     session: Option<&str>,
     fence: Option<i64>,
@@ -121,7 +129,8 @@ fn command_env(
     vec![
         ("CHAN_RUN_CHANNEL", Some(channel.name().into())),
         ("CHAN_RUN_SESSION_ID", session.map(OsString::from)),
-        (super::held::HELD_ENV, Some(super::held::held_env(store, channel))),
+        (super::held::HELD_ENV, Some(super::held::held_env(&store.id(), channel))),
         ("CHAN_RUN_FENCE", fence.map(|f| f.to_string().into())),
+        ("CHAN_RUN_STORE", store.url_without_password().map(OsString::from)),
     ]
 }

@@ -1,99 +1,174 @@
-//! What `--store` says: the URL read into the client's configuration, the password from
-//! `PGPASSWORD`, TLS (`sslmode`, `sslrootcert`, the server's certificate always
-//! verified), and how messages name the server (never with its password).
+//! What `--store` says, made into the client's configuration: the parameters
+//! (conninfo.rs), TLS (`sslmode`, `sslrootcert`; the server's certificate always
+//! verified), the bound on connecting, how messages name the server (never with its
+//! password), and a warning when the password sits on the command line.
 
 use super::PgStore;
+use super::conn::{CLIENT_GIVES_UP_AFTER, CONNECT_WITHIN, Fault, pg_error, transient};
+use super::conninfo::{self, Params};
 use anyhow::{anyhow, bail};
+use postgres::config::{ChannelBinding, SslMode, TargetSessionAttrs};
+use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 impl PgStore {
-    pub fn open(url: &str) -> anyhow::Result<PgStore> {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            bail!(
-                "--store {url:?} is not a store chan-run knows: use postgres://USER@HOST[:PORT]/DB, or leave --store and CHAN_RUN_STORE unset for the local state directory"
-            );
-        }
-        let (url, tls) = read_tls(url)?;
-        let mut config: postgres::Config = url.parse().map_err(|e| {
-            anyhow!("--store: cannot read the URL ({e}); expected postgres://USER@HOST[:PORT]/DB")
-        })?;
-        let tls = match tls {
-            None => {
-                config.ssl_mode(postgres::config::SslMode::Disable);
-                None
-            }
-            Some(root) => {
-                config.ssl_mode(postgres::config::SslMode::Require);
-                Some(tls_connector(root)?)
-            }
-        };
-        if config.get_password().is_none()
-            && let Some(password) = std::env::var_os("PGPASSWORD")
-        {
-            config.password(password.as_encoded_bytes());
-        }
-        let hosts: Vec<String> = config
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                postgres::config::Host::Tcp(name) => name.clone(),
-                postgres::config::Host::Unix(path) => path.display().to_string(),
-            })
-            .collect();
-        let port = config.get_ports().first().map(|p| format!(":{p}")).unwrap_or_default();
-        let shown = format!("{}{port}/{}", hosts.join(","), config.get_dbname().unwrap_or(""));
-        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-        Ok(PgStore { config, shown, host, tls })
-    }
-}
-
-/// Takes libpq's TLS parameters out of the URL (the client library knows neither
-/// `sslrootcert` nor `verify-*`): `Some(root)` when `sslmode` is `require`, `verify-ca`
-/// or `verify-full` (all three verify the server's certificate and name: stricter than
-/// libpq's `require`), with the CA file from `sslrootcert` or `PGSSLROOTCERT` (else the
-/// system's store); `None` for no `sslmode` or `disable`/`allow`/`prefer`, which chan-run
-/// takes as plain TCP: a certificate it cannot check is no better than none.
-fn read_tls(url: &str) -> anyhow::Result<(String, Option<Option<std::path::PathBuf>>)> {
-    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_owned(), None)) };
-    let mut kept = Vec::new();
-    let mut tls = false;
-    let mut root = std::env::var_os("PGSSLROOTCERT").filter(|r| !r.is_empty()).map(std::path::PathBuf::from);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sslrootcert" => root = Some(percent_decode(value).into()),
-            "sslmode" => match value {
-                "disable" | "allow" | "prefer" => {}
-                "require" | "verify-ca" | "verify-full" => tls = true,
-                other => bail!(
-                    "--store: sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                ),
+    pub fn open(text: &str) -> anyhow::Result<PgStore> {
+        let given = conninfo::parse(text)?;
+        warn_if_password_in_argv(&given);
+        let mut params = given.clone();
+        conninfo::complete(&mut params)?;
+        let mut config = postgres::Config::new();
+        apply(&mut config, &params)?;
+        let connect_within = match params.get("connect_timeout") {
+            Some(t) => match t.trim().parse::<i64>() {
+                Ok(s) if s <= 0 => None,
+                Ok(s) => Some(Duration::from_secs(s.max(2) as u64)),
+                Err(_) => bail!("--store: connect_timeout={t:?} is not a whole number of seconds"),
             },
-            _ => kept.push(pair),
-        }
+            None => Some(CONNECT_WITHIN),
+        };
+        let tls = match tls_mode(&params)? {
+            None => None,
+            Some(root) => Some(tls_connector(root)?),
+        };
+        config.ssl_mode(if tls.is_some() { SslMode::Require } else { SslMode::Disable });
+        let port = params["port"].split(',').next().map(|p| format!(":{p}")).unwrap_or_default();
+        let hosts = params.get("host").or(params.get("hostaddr")).cloned().unwrap_or_default();
+        let shown = format!("{hosts}{port}/{}", params["dbname"]);
+        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        let public_url = conninfo::url_without_password(&given);
+        Ok(PgStore { config, shown, host, tls, connect_within, public_url })
     }
-    let url = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
-    Ok((url, tls.then_some(root)))
+
+    /// The client's configuration for one connection: named after this process, its
+    /// socket's timeouts set.
+    pub(super) fn client_config(&self) -> postgres::Config {
+        let mut config = self.config.clone();
+        let mut name = format!("chan-run {} {}", std::process::id(), self.host);
+        super::conn::truncate(&mut name, 63);
+        config.application_name(&name);
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(2))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .tcp_user_timeout(CLIENT_GIVES_UP_AFTER);
+        if let Some(within) = self.connect_within {
+            config.connect_timeout(within);
+        }
+        config
+    }
+
+    /// How long connecting may take: `connect_timeout` (at least 2 s, as libpq), else
+    /// [`CONNECT_WITHIN`]; `None` for `connect_timeout=0` (libpq's "no limit").
+    pub(super) fn connect_within(&self) -> Option<Duration> {
+        self.connect_within
+    }
+
+    /// A failed connection, with what to check: retryable when the server is down,
+    /// restarting or out of connection slots.
+    pub(super) fn connect_fault(&self, e: &postgres::Error) -> Fault {
+        let code = e.code().map(|c| c.code());
+        let hint = match code {
+            Some("53300") => {
+                "; the server has no free connection slot (max_connections, or the role's CONNECTION LIMIT): try again later"
+            }
+            Some(c) if c.starts_with("28") => {
+                "; check the user and password (the URL, PGUSER, PGPASSWORD, ~/.pgpass or PGPASSFILE)"
+            }
+            Some("3D000") => "; check the database name in --store / CHAN_RUN_STORE (or PGDATABASE)",
+            Some(_) => "",
+            None if self.tls.is_some() && !transient(e) => {
+                "; with sslmode=require chan-run verifies the server's certificate: name its CA with sslrootcert=FILE in the URL or PGSSLROOTCERT"
+            }
+            None if transient(e) => {
+                "; is the server running, and are the host and port in --store / CHAN_RUN_STORE right?"
+            }
+            None => "; check --store / CHAN_RUN_STORE",
+        };
+        let error = anyhow!("cannot connect to PostgreSQL at {} ({}){hint}", self.shown, pg_error(e));
+        if transient(e) { Fault::Unavailable(error) } else { Fault::Failed(error) }
+    }
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
+/// The parameters into the client library's configuration (TLS apart).
+fn apply(config: &mut postgres::Config, params: &Params) -> anyhow::Result<()> {
+    for (key, value) in params {
+        match key.as_str() {
+            "host" => {
+                for host in value.split(',') {
+                    match host.starts_with('/') {
+                        true => config.host_path(host),
+                        false => config.host(host),
+                    };
+                }
             }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
+            "hostaddr" => {
+                for addr in value.split(',') {
+                    config.hostaddr(
+                        addr.parse()
+                            .map_err(|_| anyhow!("--store: hostaddr {addr:?} is not an IP address"))?,
+                    );
+                }
             }
+            "port" => {
+                for port in value.split(',') {
+                    config.port(
+                        port.parse().map_err(|_| anyhow!("--store: port {port:?} is not a port number"))?,
+                    );
+                }
+            }
+            "dbname" => drop(config.dbname(value)),
+            "user" => drop(config.user(value)),
+            "password" => drop(config.password(value)),
+            "options" => drop(config.options(value)),
+            "target_session_attrs" => drop(config.target_session_attrs(match value.as_str() {
+                "any" => TargetSessionAttrs::Any,
+                "read-write" => TargetSessionAttrs::ReadWrite,
+                other => bail!("--store: target_session_attrs={other} is not one of any, read-write"),
+            })),
+            "channel_binding" => drop(config.channel_binding(match value.as_str() {
+                "disable" => ChannelBinding::Disable,
+                "prefer" => ChannelBinding::Prefer,
+                "require" => ChannelBinding::Require,
+                other => bail!("--store: channel_binding={other} is not one of disable, prefer, require"),
+            })),
+            // Read elsewhere, or chan-run's own: its sessions are named `chan-run PID HOST`.
+            _ => {}
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(())
+}
+
+/// `Some(root)` when `sslmode` is `require`, `verify-ca` or `verify-full` (all three
+/// verify the server's certificate and name: stricter than libpq's `require`), with the
+/// CA file from `sslrootcert` (else the system's store); `None` for no `sslmode` or
+/// `disable`/`allow`/`prefer`, which chan-run takes as plain TCP: a certificate it cannot
+/// check is no better than none.
+fn tls_mode(params: &Params) -> anyhow::Result<Option<Option<std::path::PathBuf>>> {
+    match params.get("sslmode").map(String::as_str) {
+        None | Some("disable" | "allow" | "prefer") => Ok(None),
+        Some("require" | "verify-ca" | "verify-full") => Ok(Some(params.get("sslrootcert").map(Into::into))),
+        Some(other) => bail!(
+            "--store: sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+        ),
+    }
+}
+
+/// Warns when the password given in `--store` is in this process's arguments, which
+/// every user of the host can read (`ps`, `/proc/PID/cmdline`).
+fn warn_if_password_in_argv(given: &Params) {
+    let Some(password) = given.get("password").filter(|p| !p.is_empty()) else { return };
+    let in_argv = std::env::args_os().any(|arg| {
+        let arg = arg.to_string_lossy();
+        arg.contains(password.as_str()) || arg.contains(&password.replace('@', "%40"))
+    });
+    if in_argv {
+        crate::ui::warn(
+            "--store carries a password on the command line, where every user of this host can read it (ps); \
+             keep it in ~/.pgpass (or PGPASSFILE), PGPASSWORD or CHAN_RUN_STORE instead",
+        );
+    }
 }
 
 /// A TLS connector trusting `root` (a PEM file of CA certificates), else the system's
@@ -145,14 +220,10 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("cannot read sslrootcert /no/such file"), "{e}");
-        let (url, tls) =
-            read_tls("postgres://u@h/db?options=-c%20x%3D1&sslmode=require&sslrootcert=%2Fca.pem").unwrap();
-        assert_eq!(
-            (url.as_str(), tls),
-            ("postgres://u@h/db?options=-c%20x%3D1", Some(Some("/ca.pem".into())))
-        );
-        assert_eq!(read_tls("postgres://u@h/db?sslmode=prefer").unwrap(), ("postgres://u@h/db".into(), None));
-        let shown = PgStore::open("postgres://u:secret@db.example:6432/bots").unwrap().shown;
-        assert_eq!(shown, "db.example:6432/bots");
+        let e = PgStore::open("postgres://u@h/db?connect_timeout=abc").err().unwrap().to_string();
+        assert!(e.contains("connect_timeout=\"abc\""), "{e}");
+        let store = PgStore::open("postgres://u:secret@db.example:6432/bots").unwrap();
+        assert_eq!(store.shown, "db.example:6432/bots");
+        assert_eq!(store.public_url, "postgres://u@db.example:6432/bots");
     }
 }

@@ -1,89 +1,319 @@
-//! Step 1, the connection: the client socket's timeouts, the session's settings, the
-//! backend it talks to (checked on every statement: a transaction-mode pooler would
-//! switch it and void session locks), and the server's errors as one line.
+//! Step 1, the connection. It lives on a thread of its own and every statement runs
+//! there, so the caller's thread only ever waits in `Control` (or a channel): for the
+//! answer, its deadline, or a forwarded signal. No network wait is unbounded or deaf to
+//! SIGINT/SIGTERM/SIGHUP; a statement given up on is cancelled on the server.
 //!
-//! The first statement reads the backend's pid and, with `set_config`, turns off the
-//! server's statement, lock and idle timeouts, sets its TCP keepalives and
-//! `tcp_user_timeout` (server side: a silent client is dropped after
-//! [`SERVER_DROPS_AFTER`] at the earliest), and `client_connection_check_interval`, so
-//! a waiter whose process died leaves the queue within a second even while it waits.
-//! `application_name` is `chan-run <pid> <host>`, which is how `status` names waiters.
+//! Connecting (TCP, TLS, start-up, authentication and the first statement) must end
+//! within `connect_timeout` ([`CONNECT_WITHIN`] by default) and every later statement
+//! within [`ANSWER_WITHIN`], except the wait in the channel's queue (only `--wait` ends
+//! that); the caller's `--wait` deadline bounds them all. The first statement (session.rs)
+//! checks the session and schema and sets the session's settings. *Death*: the server
+//! notices the closed socket; nothing was taken yet.
 
 use super::PgStore;
+use super::session::{self, Session};
+use crate::control::{Control, Waker};
 use anyhow::{anyhow, bail};
-use postgres::{Client, NoTls};
-use std::time::Duration;
+use postgres::{CancelToken, Client, NoTls};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
 
 /// The client socket's bound on a beat over a dead network (`tcp_user_timeout`, and
 /// keepalives of 2 s idle + 3 × 1 s).
 pub const CLIENT_GIVES_UP_AFTER: Duration = Duration::from_secs(5);
-/// The server's bound, set per session: keepalives of 10 s idle + 3 × 5 s and
-/// `tcp_user_timeout` 20 s, so a silent client keeps its lock at least this long.
-pub const SERVER_DROPS_AFTER: Duration = Duration::from_secs(20);
+/// Connecting, unless the URL's `connect_timeout` (or `PGCONNECT_TIMEOUT`) says otherwise.
+pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+/// Any statement but the queue wait: a server that takes longer is taken as unavailable.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long a cancel request (leaving the queue, stopping a late statement) may take.
+const CANCEL_WITHIN: Duration = Duration::from_secs(1);
 
-/// The session's settings, set by the first statement (not as startup `options`, which
-/// PgBouncer refuses or drops): no server timeout may cut a wait or a holder short, a
-/// dead waiter leaves the queue within a second, and a silent client keeps its session
-/// for [`SERVER_DROPS_AFTER`] at least.
-const SESSION_SETTINGS: &str = "SELECT pg_backend_pid(), set_config('statement_timeout', '0', false), \
-     set_config('lock_timeout', '0', false), set_config('idle_in_transaction_session_timeout', '0', false), \
-     set_config('idle_session_timeout', '0', false), set_config('client_connection_check_interval', '1000', false), \
-     set_config('tcp_keepalives_idle', '10', false), set_config('tcp_keepalives_interval', '5', false), \
-     set_config('tcp_keepalives_count', '3', false), set_config('tcp_user_timeout', '20000', false)";
+type Job = Box<dyn FnOnce(&mut Client) + Send>;
 
-/// A connection and the backend it talks to: every statement checks the backend is
-/// still the same (a transaction-mode pooler would switch it and void session locks).
+/// A connection's handle: statements go to its thread, answers come back. Clones share
+/// the connection (the heartbeat thread holds one); the last one dropped closes it.
+#[derive(Clone)]
 pub struct Conn {
-    pub client: Client,
+    jobs: mpsc::Sender<Job>,
+    /// The backend the connection started with: every statement checks it is still the
+    /// one (a transaction-mode pooler would switch it and void session locks).
     pub backend: i32,
+    session: Arc<Session>,
+    cancel: Arc<(CancelToken, Option<tokio_postgres_rustls::MakeRustlsConnect>)>,
+    shown: Arc<str>,
+}
+
+/// How a wait ended, other than with the answer.
+#[derive(Debug)]
+pub enum Fault {
+    /// The caller's `--wait` (or `-n`'s budget) ran out: the busy code.
+    Busy,
+    /// A forwarded signal arrived: 128+N, nothing ran.
+    Interrupted(i32),
+    /// The server could not be reached or did not answer in time: worth a retry.
+    Unavailable(anyhow::Error),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Fault {
+    fn from(e: anyhow::Error) -> Fault {
+        Fault::Failed(e)
+    }
+}
+
+impl From<Fault> for anyhow::Error {
+    fn from(f: Fault) -> anyhow::Error {
+        match f {
+            Fault::Busy => anyhow!("the store stayed busy"),
+            Fault::Interrupted(sig) => anyhow!("interrupted by signal {sig}"),
+            Fault::Unavailable(e) => crate::store::Unavailable(e).into(),
+            Fault::Failed(e) => e,
+        }
+    }
+}
+
+impl From<Fault> for crate::store::AcquireError {
+    fn from(f: Fault) -> crate::store::AcquireError {
+        use crate::store::AcquireError;
+        match f {
+            Fault::Busy => AcquireError::Busy,
+            Fault::Interrupted(sig) => AcquireError::Interrupted(sig),
+            other => AcquireError::Failed(other.into()),
+        }
+    }
+}
+
+/// Who waits, and until when: the caller's deadline (`--wait`, `-n`) and, where signals
+/// are forwarded, the `Control` that sees them.
+pub struct Waiting<'a> {
+    until: Option<Instant>,
+    control: Option<&'a Control>,
+    waker: Option<Arc<Waker>>,
+}
+
+impl<'a> Waiting<'a> {
+    /// A caller that forwards signals (run, reset): they end the wait.
+    pub fn watched(control: &'a Control, until: Option<Instant>) -> anyhow::Result<Waiting<'a>> {
+        let waker = control.waker().map_err(|e| anyhow!("cannot set up waiting: {e}"))?;
+        Ok(Waiting { until, control: Some(control), waker: Some(Arc::new(waker)) })
+    }
+
+    /// A caller with the default signal dispositions (a signal ends the process) and
+    /// no deadline of its own: status, history, gc, the heartbeat.
+    pub fn plain() -> Waiting<'static> {
+        Waiting { until: None, control: None, waker: None }
+    }
+
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
+    /// Waits for `rx`'s message, at most `within` (and never past the caller's
+    /// deadline); a signal ends it at once.
+    pub fn wait_for<T>(&self, rx: &Receiver<T>, within: Option<Duration>) -> Result<T, Gave> {
+        let own = within.and_then(|w| Instant::now().checked_add(w));
+        loop {
+            match rx.try_recv() {
+                Ok(answer) => return Ok(answer),
+                Err(TryRecvError::Disconnected) => return Err(Gave::Gone),
+                Err(TryRecvError::Empty) => {}
+            }
+            if let Some(sig) = self.control.and_then(Control::take_signal) {
+                return Err(Gave::Signal(sig));
+            }
+            let now = Instant::now();
+            match (self.until, own) {
+                (Some(until), own) if now >= until && own.is_none_or(|o| until <= o) => {
+                    return Err(Gave::Busy);
+                }
+                (_, Some(own)) if now >= own => return Err(Gave::Late),
+                _ => {}
+            }
+            let deadline = [self.until, own].into_iter().flatten().min();
+            match self.control {
+                Some(control) => control.wait(deadline).map_err(|_| Gave::Gone)?,
+                None => match deadline {
+                    Some(d) => match rx.recv_timeout(d.saturating_duration_since(now)) {
+                        Ok(answer) => return Ok(answer),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return Err(Gave::Gone),
+                    },
+                    None => return rx.recv().map_err(|_| Gave::Gone),
+                },
+            }
+        }
+    }
+
+    /// Blocks until `deadline`, the caller's own, or a signal; `also` wakes it early.
+    pub fn sleep(&self, deadline: Instant, also: &[rustix::fd::BorrowedFd<'_>]) -> Result<(), Gave> {
+        loop {
+            if let Some(sig) = self.control.and_then(Control::take_signal) {
+                return Err(Gave::Signal(sig));
+            }
+            let now = Instant::now();
+            if self.until.is_some_and(|u| now >= u && u < deadline) {
+                return Err(Gave::Busy);
+            }
+            if now >= deadline {
+                return Ok(());
+            }
+            let until = self.until.map_or(deadline, |u| u.min(deadline));
+            match self.control {
+                Some(control) => {
+                    control.wait_also(Some(until), also).map_err(|_| Gave::Gone)?;
+                    if !also.is_empty() && woken(also) {
+                        return Ok(());
+                    }
+                }
+                None => std::thread::sleep(until.saturating_duration_since(now)),
+            }
+        }
+    }
+}
+
+/// Whether one of `fds` is readable now.
+fn woken(fds: &[rustix::fd::BorrowedFd<'_>]) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut polled: Vec<PollFd> = fds.iter().map(|fd| PollFd::new(fd, PollFlags::IN)).collect();
+    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    poll(&mut polled, Some(&zero)).is_ok_and(|n| n > 0)
+}
+
+/// Why a wait ended without its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gave {
+    Busy,
+    Signal(i32),
+    /// The statement's own bound passed.
+    Late,
+    /// The connection's thread is gone.
+    Gone,
 }
 
 impl PgStore {
-    pub(super) fn connect(&self) -> anyhow::Result<Conn> {
-        let mut config = self.config.clone();
-        let mut name = format!("chan-run {} {}", std::process::id(), self.host);
-        truncate(&mut name, 63);
-        config.application_name(&name);
-        config
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(2))
-            .keepalives_interval(Duration::from_secs(1))
-            .keepalives_retries(3)
-            .tcp_user_timeout(CLIENT_GIVES_UP_AFTER);
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        let connected = match &self.tls {
-            Some(tls) => config.connect(tls.clone()),
-            None => config.connect(NoTls),
-        };
-        let mut client = connected.map_err(|e| {
-            let hint = match &self.tls {
-                Some(_) => "; with sslmode=require chan-run verifies the server's certificate: name its CA with sslrootcert=FILE in the URL or PGSSLROOTCERT",
-                None => "",
+    /// Connects on a new thread and runs the first statement there (session.rs); the
+    /// caller waits at most `connect_timeout`.
+    pub(super) fn connect(&self, wait: &Waiting) -> Result<Conn, Fault> {
+        let config = self.client_config();
+        let tls = self.tls.clone();
+        let marker = format!("chan-run {} {}", std::process::id(), self.host);
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let waker = wait.waker.clone();
+        std::thread::spawn(move || {
+            let connected = match &tls {
+                Some(tls) => config.connect(tls.clone()),
+                None => config.connect(NoTls),
             };
-            anyhow!(
-                "cannot connect to PostgreSQL at {} ({}); check --store / CHAN_RUN_STORE{hint}",
-                self.shown,
-                pg_error(&e)
-            )
-        })?;
-        // Unnamed statements only (`query_typed`: parse, bind and execute in one round
-        // trip), here and wherever no transaction is open: a transaction-mode pooler would
-        // run a named statement's parse and execute on different backends, and fail with
-        // "prepared statement does not exist" instead of the pooler check's message.
-        let rows =
-            client.query_typed(SESSION_SETTINGS, &[]).map_err(|e| self.failed("set up the session", &e))?;
-        let backend = rows.first().ok_or_else(|| anyhow!("SELECT pg_backend_pid() returned no row"))?.get(0);
-        Ok(Conn { client, backend })
+            let started = connected.and_then(|mut client| {
+                let session = session::start(&mut client, &marker)?;
+                Ok((client, session))
+            });
+            let (mut client, session) = match started {
+                Ok(ok) => ok,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return wake(waker.as_deref());
+                }
+            };
+            let _ = tx.send(Ok((session, client.cancel_token())));
+            wake(waker.as_deref());
+            for job in inbox {
+                job(&mut client);
+            }
+        });
+        let within = self.connect_within();
+        let (session, token) = match wait.wait_for(&rx, within) {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => return Err(self.connect_fault(&e)),
+            Err(gave) => return Err(self.gave_up(gave, "connect", within.unwrap_or_default())),
+        };
+        let session = self.check_session(session)?;
+        Ok(Conn {
+            jobs,
+            backend: session.backend,
+            session: Arc::new(session),
+            cancel: Arc::new((token, self.tls.clone())),
+            shown: self.shown.as_str().into(),
+        })
     }
 
-    pub(super) fn failed(&self, what: &str, e: &postgres::Error) -> anyhow::Error {
-        anyhow!("PostgreSQL at {}: cannot {what}: {}", self.shown, pg_error(e))
+    /// A wait given up on, as a fault.
+    pub(super) fn gave_up(&self, gave: Gave, what: &str, within: Duration) -> Fault {
+        gave_up(&self.shown, gave, what, within)
+    }
+}
+
+fn wake(waker: Option<&Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+fn gave_up(shown: &str, gave: Gave, what: &str, within: Duration) -> Fault {
+    match gave {
+        Gave::Busy => Fault::Busy,
+        Gave::Signal(sig) => Fault::Interrupted(sig),
+        Gave::Late => Fault::Unavailable(anyhow!(
+            "PostgreSQL at {shown} did not answer within {} (while trying to {what}); is it overloaded, stopped, or behind a full connection pool?",
+            crate::duration::short(within)
+        )),
+        Gave::Gone => Fault::Unavailable(anyhow!(
+            "the connection to PostgreSQL at {shown} is gone (while trying to {what})"
+        )),
     }
 }
 
 impl Conn {
+    /// Runs `f` on the connection's thread and waits for its answer at most `within`
+    /// (`None`: no bound of its own) and never past the caller's deadline. A statement
+    /// given up on is cancelled on the server before this returns (bounded).
+    pub fn call<T, F>(&self, wait: &Waiting, within: Option<Duration>, what: &str, f: F) -> Result<T, Fault>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let waker = wait.waker.clone();
+        let job: Job = Box::new(move |client| {
+            let _ = tx.send(f(client));
+            wake(waker.as_deref());
+        });
+        if self.jobs.send(job).is_err() {
+            return Err(gave_up(&self.shown, Gave::Gone, what, Duration::ZERO));
+        }
+        match wait.wait_for(&rx, within) {
+            Ok(answer) => answer.map_err(|e| fault(&self.shown, what, &e)),
+            Err(gave) => {
+                self.cancel();
+                Err(gave_up(&self.shown, gave, what, within.unwrap_or_default()))
+            }
+        }
+    }
+
+    /// Asks the server to cancel the statement running on this connection, waiting at
+    /// most [`CANCEL_WITHIN`] for the request to go out.
+    pub fn cancel(&self) {
+        let cancel = Arc::clone(&self.cancel);
+        let (tx, rx) = mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            let (token, tls) = &*cancel;
+            let _ = match tls {
+                Some(tls) => token.cancel_query(tls.clone()),
+                None => token.cancel_query(NoTls),
+            };
+            let _ = tx.send(());
+        });
+        let _ = rx.recv_timeout(CANCEL_WITHIN);
+    }
+
+    /// `template` with chan-run's schema in place of `{s}` (an identifier) and `{s_lit}`
+    /// (inside a string literal, as for `::regclass`).
+    pub fn sql(&self, template: &str) -> String {
+        template.replace("{s_lit}", &self.session.schema_lit).replace("{s}", &self.session.schema)
+    }
+
     pub fn check_backend(&self, backend: i32) -> anyhow::Result<()> {
         if backend != self.backend {
             bail!(pooled(
@@ -93,6 +323,50 @@ impl Conn {
         }
         Ok(())
     }
+
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+/// A failed statement as a fault: retryable when the server went away or is overloaded.
+pub fn fault(shown: &str, what: &str, e: &postgres::Error) -> Fault {
+    let error = anyhow!("PostgreSQL at {shown}: cannot {what}: {}", pg_error(e));
+    if transient(e) { Fault::Unavailable(error) } else { Fault::Failed(error) }
+}
+
+/// Whether `e` says the server is (for now) unreachable, restarting or out of
+/// connection slots, rather than that the request or the set-up is wrong.
+pub fn transient(e: &postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        let code = code.code();
+        return code.starts_with("08") || matches!(code, "53300" | "57P01" | "57P02" | "57P03");
+    }
+    if e.is_closed() {
+        return true;
+    }
+    use std::io::ErrorKind::*;
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | BrokenPipe
+                    | TimedOut
+                    | UnexpectedEof
+                    | NotConnected
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | NetworkDown
+                    | AddrNotAvailable
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// `chan-run <pid> <host>` → (pid, host).
@@ -102,7 +376,7 @@ pub fn from_application_name(name: Option<&str>) -> (Option<u32>, Option<String>
     (pid.parse().ok(), Some(host.to_owned()).filter(|h| !h.is_empty()))
 }
 
-fn truncate(text: &mut String, max: usize) {
+pub fn truncate(text: &mut String, max: usize) {
     if text.len() > max {
         let mut cut = max;
         while !text.is_char_boundary(cut) {
@@ -112,7 +386,7 @@ fn truncate(text: &mut String, max: usize) {
     }
 }
 
-/// The server's message (with its detail and hint), or the client's error chain.
+/// The server's message (with its hint), or the client's error chain.
 pub fn pg_error(e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut text = db.message().to_owned();
@@ -148,5 +422,17 @@ mod tests {
         let mut long = "é".repeat(40);
         truncate(&mut long, 63);
         assert_eq!(long.len(), 62);
+    }
+
+    #[test]
+    fn a_plain_wait_ends_at_its_bound_or_with_the_answer() {
+        let (tx, rx) = mpsc::sync_channel::<u8>(1);
+        let started = Instant::now();
+        assert_eq!(Waiting::plain().wait_for(&rx, Some(Duration::from_millis(50))), Err(Gave::Late));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        tx.send(7).unwrap();
+        assert_eq!(Waiting::plain().wait_for(&rx, Some(Duration::from_secs(5))), Ok(7));
+        drop(tx);
+        assert_eq!(Waiting::plain().wait_for(&rx, None), Err(Gave::Gone));
     }
 }

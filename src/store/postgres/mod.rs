@@ -24,12 +24,15 @@
 
 mod config;
 mod conn;
+mod conninfo;
 mod heartbeat;
 mod lease;
 mod queue;
 mod schema;
+mod session;
 mod verbs;
 
+use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub struct PgStore {
@@ -37,6 +40,10 @@ pub struct PgStore {
     /// The server as messages name it (never the password).
     shown: String,
     host: String,
-    /// TLS, when the URL's `sslmode` asks for it (the server's certificate verified).
+    /// TLS, when `sslmode` asks for it (the server's certificate verified).
     tls: Option<MakeRustlsConnect>,
+    /// The bound on connecting; `None`: `connect_timeout=0`.
+    connect_within: Option<Duration>,
+    /// `--store` as given, without its password: the command's `CHAN_RUN_STORE`.
+    public_url: String,
 }
