@@ -15,14 +15,14 @@ fn setup() -> Option<(TestEnv, String)> {
     Some((TestEnv::with_store(&store), store))
 }
 
-fn status(env: &TestEnv, channel: &str) -> serde_json::Value {
+pub fn status(env: &TestEnv, channel: &str) -> serde_json::Value {
     let out = env.command().args(["status", "--json", channel]).output().unwrap();
     assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     all["channels"].get(0).cloned().unwrap_or(serde_json::Value::Null)
 }
 
-fn queued_pids(env: &TestEnv, channel: &str) -> Vec<u32> {
+pub fn queued_pids(env: &TestEnv, channel: &str) -> Vec<u32> {
     let s = status(env, channel);
     let queue = s["queue"].as_array().cloned().unwrap_or_default();
     queue.iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect()
@@ -47,7 +47,7 @@ fn can_fake_hosts() -> bool {
 
 /// Starts caller `i` (appending `i` to `$T/order`) as if on `host`, and returns once it
 /// waits in the channel's queue.
-fn enqueue(env: &TestEnv, channel: &str, i: usize, host: Option<&str>) -> Running {
+pub fn enqueue(env: &TestEnv, channel: &str, i: usize, host: Option<&str>) -> Running {
     let script = sh(&format!(r#"echo {i} >> "$T/order""#));
     let mut cmd = match host {
         Some(host) => {

@@ -13,20 +13,21 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 impl PgStore {
     pub fn open(text: &str) -> anyhow::Result<PgStore> {
-        let given = conninfo::parse(text)?;
-        warn_if_password_in_argv(&given);
+        let given = conninfo::parse(text).inspect_err(|_| {
+            if conninfo::may_hold_password(text) {
+                warn_if_in_argv(text);
+            }
+        })?;
+        if let Some(password) = given.get("password").filter(|p| !p.is_empty()) {
+            warn_if_in_argv(password);
+        }
+        connect_within(&given)?;
+        tls_mode(&given)?;
         let mut params = given.clone();
         conninfo::complete(&mut params)?;
         let mut config = postgres::Config::new();
         apply(&mut config, &params)?;
-        let connect_within = match params.get("connect_timeout") {
-            Some(t) => match t.trim().parse::<i64>() {
-                Ok(s) if s <= 0 => None,
-                Ok(s) => Some(Duration::from_secs(s.max(2) as u64)),
-                Err(_) => bail!("--store: connect_timeout={t:?} is not a whole number of seconds"),
-            },
-            None => Some(CONNECT_WITHIN),
-        };
+        let connect_within = connect_within(&params)?;
         let tls = match tls_mode(&params)? {
             None => None,
             Some(root) => Some(tls_connector(root)?),
@@ -78,6 +79,9 @@ impl PgStore {
             }
             Some("3D000") => "; check the database name in --store / CHAN_RUN_STORE (or PGDATABASE)",
             Some(_) => "",
+            None if pg_error(e).contains("password missing") => {
+                "; the server asks for a password and none was given: check the user and password (~/.pgpass or PGPASSFILE, PGPASSWORD, or the URL)"
+            }
             None if self.tls.is_some() && !transient(e) => {
                 "; with sslmode=require chan-run verifies the server's certificate: name its CA with sslrootcert=FILE in the URL or PGSSLROOTCERT"
             }
@@ -155,13 +159,25 @@ fn tls_mode(params: &Params) -> anyhow::Result<Option<Option<std::path::PathBuf>
     }
 }
 
-/// Warns when the password given in `--store` is in this process's arguments, which
-/// every user of the host can read (`ps`, `/proc/PID/cmdline`).
-fn warn_if_password_in_argv(given: &Params) {
-    let Some(password) = given.get("password").filter(|p| !p.is_empty()) else { return };
+/// `connect_timeout` as libpq reads it: whole seconds, at least 2; 0 or less: no limit.
+fn connect_within(params: &Params) -> anyhow::Result<Option<Duration>> {
+    match params.get("connect_timeout") {
+        Some(t) => match t.trim().parse::<i64>() {
+            Ok(s) if s <= 0 => Ok(None),
+            Ok(s) => Ok(Some(Duration::from_secs(s.max(2) as u64))),
+            Err(_) => bail!("--store: connect_timeout={t:?} is not a whole number of seconds"),
+        },
+        None => Ok(Some(CONNECT_WITHIN)),
+    }
+}
+
+/// Warns when `secret` (the password `--store` gives, or all of a `--store` that seems
+/// to hold one) is in this process's arguments, which every user of the host can read
+/// (`ps`, `/proc/PID/cmdline`).
+fn warn_if_in_argv(secret: &str) {
     let in_argv = std::env::args_os().any(|arg| {
         let arg = arg.to_string_lossy();
-        arg.contains(password.as_str()) || arg.contains(&password.replace('@', "%40"))
+        arg.contains(secret) || arg.contains(&secret.replace('@', "%40"))
     });
     if in_argv {
         crate::ui::warn(

@@ -72,6 +72,13 @@ pub fn parse(text: &str) -> anyhow::Result<Params> {
     Ok(params)
 }
 
+/// Whether `text`, unreadable as it may be, seems to carry a password (`user:pw@`,
+/// `password=`).
+pub fn may_hold_password(text: &str) -> bool {
+    let userinfo = text.split_once("://").and_then(|(_, rest)| rest.split('/').next()?.rsplit_once('@'));
+    text.contains("password") || userinfo.is_some_and(|(info, _)| info.contains(':'))
+}
+
 fn is_postgres(scheme: &str) -> bool {
     scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql")
 }
@@ -206,8 +213,10 @@ pub fn complete(params: &mut Params) -> anyhow::Result<()> {
     }
     params.entry("port".into()).or_insert_with(|| "5432".into());
     if !params.contains_key("user") {
-        let user = var("USER").or_else(|| var("LOGNAME")).ok_or_else(|| {
-            anyhow!("--store names no user and neither PGUSER nor USER is set: add USER@ to the URL")
+        let user = os_user().ok_or_else(|| {
+            anyhow!(
+                "--store names no user, PGUSER is not set and this user has no name: add USER@ to the URL"
+            )
         })?;
         params.insert("user".into(), user);
     }
@@ -222,6 +231,19 @@ pub fn complete(params: &mut Params) -> anyhow::Result<()> {
         params.insert("password".into(), password);
     }
     Ok(())
+}
+
+/// This process's user name, as libpq takes it: the effective uid's in `/etc/passwd`
+/// (`USER` or `LOGNAME` where that has none).
+fn os_user() -> Option<String> {
+    let uid = rustix::process::geteuid().as_raw().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let name = passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)? == uid).then(|| name.to_owned())
+    });
+    name.or_else(|| var("USER")).or_else(|| var("LOGNAME"))
 }
 
 fn var(name: &str) -> Option<String> {
