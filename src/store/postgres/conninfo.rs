@@ -5,7 +5,8 @@
 //! (`PGPASSFILE`, `~/.pgpass`) and libpq's defaults. Messages never show a password:
 //! a string that cannot be read is described, not echoed.
 
-use anyhow::{Context, anyhow, bail};
+use super::pgfiles;
+use anyhow::{anyhow, bail};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -200,7 +201,7 @@ fn parse_words(text: &str) -> anyhow::Result<Params> {
 pub fn complete(params: &mut Params) -> anyhow::Result<()> {
     let service = params.get("service").cloned().or_else(|| var("PGSERVICE"));
     if let Some(service) = service {
-        for (key, value) in service_section(&service)? {
+        for (key, value) in pgfiles::service_section(&service)? {
             params.entry(key).or_insert(value);
         }
     }
@@ -226,7 +227,7 @@ pub fn complete(params: &mut Params) -> anyhow::Result<()> {
         params.insert("host".into(), default_host(&params["port"]));
     }
     if !params.contains_key("password")
-        && let Some(password) = from_passfile(params)?
+        && let Some(password) = pgfiles::from_passfile(params)?
     {
         params.insert("password".into(), password);
     }
@@ -246,11 +247,11 @@ fn os_user() -> Option<String> {
     name.or_else(|| var("USER")).or_else(|| var("LOGNAME"))
 }
 
-fn var(name: &str) -> Option<String> {
+pub(super) fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn home() -> Option<PathBuf> {
+pub(super) fn home() -> Option<PathBuf> {
     var("HOME").map(PathBuf::from)
 }
 
@@ -263,91 +264,6 @@ fn default_host(port: &str) -> String {
         .find(|dir| std::path::Path::new(&format!("{dir}/.s.PGSQL.{port}")).exists())
         .unwrap_or("localhost")
         .to_owned()
-}
-
-/// The section `[name]` of the first service file that has it: `PGSERVICEFILE` or
-/// `~/.pg_service.conf`, then `pg_service.conf` in `PGSYSCONFDIR` (else Debian's
-/// `/etc/postgresql-common`).
-fn service_section(name: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let user_file =
-        var("PGSERVICEFILE").map(PathBuf::from).or_else(|| home().map(|h| h.join(".pg_service.conf")));
-    let sysconf = var("PGSYSCONFDIR").unwrap_or_else(|| "/etc/postgresql-common".into());
-    let files = user_file.into_iter().chain([PathBuf::from(sysconf).join("pg_service.conf")]);
-    let mut looked = Vec::new();
-    for file in files {
-        let Ok(text) = std::fs::read_to_string(&file) else {
-            looked.push(file.display().to_string());
-            continue;
-        };
-        let mut in_section = false;
-        let mut found = None;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                in_section = section == name;
-                if in_section {
-                    found.get_or_insert_with(Vec::new);
-                }
-            } else if in_section && let Some((key, value)) = line.split_once('=') {
-                let key = key.trim().to_owned();
-                if !KNOWN.contains(&key.as_str()) || key == "service" {
-                    bail!("{}: service {name:?} sets unknown parameter {key:?}", file.display());
-                }
-                found.get_or_insert_with(Vec::new).push((key, value.trim().to_owned()));
-            }
-        }
-        if let Some(found) = found {
-            return Ok(found);
-        }
-        looked.push(file.display().to_string());
-    }
-    bail!("--store: service {name:?} is not defined in {}", looked.join(" or "))
-}
-
-/// The password for these parameters in the password file, as libpq looks it up: the
-/// first line `host:port:dbname:user:password` that matches (`*` matches anything; a
-/// socket matches `localhost`). A file others may read is ignored, with a warning.
-fn from_passfile(params: &Params) -> anyhow::Result<Option<String>> {
-    let path = match params.get("passfile") {
-        Some(file) => PathBuf::from(file),
-        None => match home() {
-            Some(home) => home.join(".pgpass"),
-            None => return Ok(None),
-        },
-    };
-    let Ok(meta) = std::fs::metadata(&path) else { return Ok(None) };
-    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
-        crate::ui::warn(format!(
-            "password file {} has group or world access; it is ignored (chmod 0600 it, as libpq asks)",
-            path.display()
-        ));
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let first = |key: &str| params.get(key).map(|v| v.split(',').next().unwrap_or("").to_owned());
-    let host =
-        first("host").filter(|h| !h.is_empty() && !h.starts_with('/')).unwrap_or_else(|| "localhost".into());
-    let wanted = [host, first("port").unwrap_or_default(), params["dbname"].clone(), params["user"].clone()];
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let fields = split_passfile_line(line);
-        if fields.len() == 5 && fields[..4].iter().zip(&wanted).all(|(f, w)| f == "*" || f == w) {
-            return Ok(Some(fields[4].clone()));
-        }
-    }
-    Ok(None)
-}
-
-/// A password file line's fields: `:` separates, `\` escapes.
-fn split_passfile_line(line: &str) -> Vec<String> {
-    let mut fields = vec![String::new()];
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => fields.last_mut().unwrap().extend(chars.next()),
-            ':' if fields.len() < 5 => fields.push(String::new()),
-            c => fields.last_mut().unwrap().push(c),
-        }
-    }
-    fields
 }
 
 /// The parameters as a URL without the password (what the command's `CHAN_RUN_STORE`
@@ -439,10 +355,5 @@ mod tests {
             assert!(e.contains(says), "{text}: {e}");
             assert!(!e.contains("hunter2") && !e.contains("hunt"), "{text}: {e}");
         }
-    }
-
-    #[test]
-    fn password_file_lines_split_on_unescaped_colons() {
-        assert_eq!(split_passfile_line(r"h:5432:*:u:pa\:ss:x"), ["h", "5432", "*", "u", "pa:ss:x"]);
     }
 }

@@ -17,9 +17,10 @@
 //! durable commit (`synchronous_commit = on`), so a restart cannot roll a heartbeat back.
 //! And a silent holder keeps its session (and lock) [`SERVER_DROPS_AFTER`] at least.
 
-use super::conn::{CLIENT_GIVES_UP_AFTER, Conn, Fault, Waiting, pg_error};
+use super::conn::{CLIENT_GIVES_UP_AFTER, Conn, Fault, pg_error};
 use super::schema::held_here;
 use super::session::SERVER_DROPS_AFTER;
+use super::wait::Waiting;
 use crate::control::LockLostAlarm;
 use postgres::types::Type;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -23,8 +23,9 @@
 //!    removes the waiter.
 
 use super::PgStore;
-use super::conn::{ANSWER_WITHIN, Conn, Fault, Waiting, pg_error, pooled, transient};
+use super::conn::{ANSWER_WITHIN, Conn, Fault, pg_error, pooled, transient};
 use super::schema::{MIGRATIONS, NS, held_here, newer_schema, waiting_for};
+use super::wait::Waiting;
 use crate::channel::Channel;
 use crate::store::WaitNote;
 use anyhow::anyhow;

@@ -8,7 +8,8 @@
 //! search path, which that statement set to `pg_catalog, pg_temp`.
 
 use super::PgStore;
-use super::conn::{ANSWER_WITHIN, Conn, Fault, Waiting};
+use super::conn::{ANSWER_WITHIN, Conn, Fault};
+use super::wait::Waiting;
 use anyhow::anyhow;
 
 /// The schema versions, in order; `chan_run_meta.version` counts the ones applied.

@@ -4,11 +4,12 @@
 //! holds their lock with nobody queued.
 
 use super::PgStore;
-use super::conn::{ANSWER_WITHIN, Conn, Fault, Waiting, from_application_name};
+use super::conn::{ANSWER_WITHIN, Conn, Fault, from_application_name};
 use super::heartbeat::{Heartbeat, STOPS_WITHIN};
 use super::lease::PgLease;
 use super::queue::{NO_WAIT_WITHIN, Waited};
 use super::schema::{LOCK_ROWS, NS, UTC_MS, json_column, waiting_for};
+use super::wait::Waiting;
 use crate::channel::Channel;
 use crate::control::Control;
 use crate::state::ChannelRecord;
@@ -47,26 +48,8 @@ impl Store for PgStore {
                 if wait == Wait::No {
                     return Err(AcquireError::Busy);
                 }
-                let note = match self.wait_note(&conn, id, &waiting) {
-                    Err(Fault::Failed(_)) => WaitNote::default(),
-                    other => other?,
-                };
-                on_wait(&note);
-                match self.wait_in_line(&conn, id, &waiting)? {
-                    Waited::Got(_) => {}
-                    Waited::Cancelled(why) => {
-                        crate::ui::warn(format!(
-                            "channel {channel}: the wait was cancelled ({why}); queueing again, at the end"
-                        ));
-                        continue;
-                    }
-                    Waited::Dropped(why) => {
-                        crate::ui::warn(format!(
-                            "channel {channel}: the server dropped this waiter's connection ({why}); reconnecting to queue again, at the end"
-                        ));
-                        conn = self.reconnect(&waiting)?;
-                        continue;
-                    }
+                if !self.wait_turn(&mut conn, channel, id, &waiting, on_wait)? {
+                    continue;
                 }
             }
             let Some(granted) = self.grant(&conn, id, &waiting)? else { continue };
@@ -177,6 +160,39 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// Step 3 for `acquire`: says who holds the channel, then waits in its queue. `false`:
+    /// the server ended the wait (the connection renewed if it dropped it): start over.
+    fn wait_turn(
+        &self,
+        conn: &mut Conn,
+        channel: &Channel,
+        id: i32,
+        waiting: &Waiting,
+        on_wait: &mut dyn FnMut(&WaitNote),
+    ) -> Result<bool, Fault> {
+        let note = match self.wait_note(conn, id, waiting) {
+            Err(Fault::Failed(_)) => WaitNote::default(),
+            other => other?,
+        };
+        on_wait(&note);
+        match self.wait_in_line(conn, id, waiting)? {
+            Waited::Got(_) => Ok(true),
+            Waited::Cancelled(why) => {
+                crate::ui::warn(format!(
+                    "channel {channel}: the wait was cancelled ({why}); queueing again, at the end"
+                ));
+                Ok(false)
+            }
+            Waited::Dropped(why) => {
+                crate::ui::warn(format!(
+                    "channel {channel}: the server dropped this waiter's connection ({why}); reconnecting to queue again, at the end"
+                ));
+                *conn = self.reconnect(waiting)?;
+                Ok(false)
+            }
+        }
+    }
+
     /// Removes the channel `id` while holding its lock with nobody queued; else why not.
     fn remove_if_idle(&self, conn: &Conn, id: i32, dry_run: bool) -> anyhow::Result<Option<&'static str>> {
         let (try_lock, waiters, delete, unlock) = (
