@@ -157,14 +157,25 @@ fn a_pooler_that_hands_on_unreset_sessions_is_named_with_the_setting_to_change()
     let Some(server) = pg::PrivateServer::start("noreset") else { return };
     let Some(pooled) = server.pgbouncer_without_reset("session", 1) else { return };
     let through = TestEnv::with_store(&pooled);
-    through.run(&["-c", "x"], &["true"]).assert().code(0);
-    // The session the first run left (its mark included) goes to the next client as it
-    // is: refused, naming the setting.
+    // A holder through the pool is SIGKILLed: the pool keeps its server session, and
+    // with it the channel's lock.
+    let holder = through.hold("x", "held", "go");
+    holder.signal(rustix::process::Signal::KILL);
+    drop(holder);
+    // The next client gets that session as it was: refused, naming the setting.
     let out = run_out(&through, &["-c", "y"], "started ran");
     out.assert_code(125);
     assert!(out.stderr().contains("server_reset_query = DISCARD ALL"), "{}", out.stderr());
     assert_eq!(out.stderr().lines().count(), 1, "{}", out.stderr());
     assert!(!through.exists("ran"));
+    // A caller on the server itself finds the channel held; status says why it stays so
+    // once the dead holder's lease has run out.
+    let direct = TestEnv::with_store(server.url());
+    direct.run(&["-c", "x", "-n"], &["true"]).assert().code(75);
+    wait_until("status to name the wedged session", || {
+        let out = direct.command().args(["status", "x"]).output().unwrap();
+        String::from_utf8_lossy(&out.stderr).contains("server_reset_query")
+    });
 }
 
 #[test]

@@ -24,7 +24,7 @@ use super::PgStore;
 use super::conn::{ANSWER_WITHIN, Conn, Fault, pooled};
 use super::heartbeat::{self, STOPS_WITHIN};
 use super::schema::{NS, held_here};
-use super::wait::Waiting;
+use super::wait::{Gave, Waiting};
 use crate::state::ChannelRecord;
 use anyhow::{Context, anyhow};
 use postgres::types::Type;
@@ -156,23 +156,31 @@ impl PgStore {
             (Some(pid), Some(host)) => format!("pid {pid} on {host}"),
             _ => "an earlier holder".to_owned(),
         };
-        if wait.until().is_some_and(|u| u <= Instant::now() + left) && !here {
-            return Err(Fault::Busy);
-        }
-        crate::ui::warn(format!(
-            "the channel's previous holder ({who}) ended without releasing it (killed, cut off, or its session ended); \
-             its command may still run, so this run waits for its lease to run out ({} at most)",
-            crate::duration::short(left)
-        ));
         let deadline = Instant::now() + left;
         let alive =
             if here { previous.pid.zip(previous.pid_ticks).and_then(|(p, t)| pidfd_of(p, t)) } else { None };
-        match &alive {
-            Some(fd) => wait.sleep(deadline, &[rustix::fd::AsFd::as_fd(fd)]),
+        let waited = match &alive {
+            // Gone: what is left of its command is killed below, as the local store does.
             None if here => Ok(()),
-            None => wait.sleep(deadline, &[]),
-        }
-        .map_err(|gave| self.gave_up(gave, "wait for the previous lease", left))?;
+            Some(fd) => {
+                crate::ui::warn(format!(
+                    "the channel's previous holder ({who}) lost it while its command ran; this run waits for it \
+                     to stop that command ({} at most)",
+                    crate::duration::short(left)
+                ));
+                wait.sleep(deadline, &[rustix::fd::AsFd::as_fd(fd)])
+            }
+            None if wait.until().is_some_and(|u| u <= deadline) => Err(Gave::Busy),
+            None => {
+                crate::ui::warn(format!(
+                    "the channel's previous holder ({who}) ended without releasing it (killed, cut off, or its \
+                     session ended); its command may still run, so this run waits for its lease to run out ({} at most)",
+                    crate::duration::short(left)
+                ));
+                wait.sleep(deadline, &[])
+            }
+        };
+        waited.map_err(|gave| self.gave_up(gave, "wait for the previous lease", left))?;
         previous.kill_leftover_here();
         self.write_lease(conn, id, fence, wait)
     }

@@ -58,7 +58,6 @@ impl Store for PgStore {
                     previous.iter().for_each(|p| p.kill_leftover_here());
                     at
                 }
-                (None, Some(_)) if wait == Wait::No => return Err(AcquireError::Busy),
                 (None, previous) => {
                     let previous = previous.as_ref().context("a lease without its predecessor")?;
                     self.outlast(&conn, id, granted.fence, previous, &waiting)?
