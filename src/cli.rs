@@ -17,7 +17,7 @@ pub struct Cli {
 
     /// Keep locks, queues and state on a PostgreSQL server shared by several hosts
     /// (postgres://USER@HOST[:PORT]/DB); overrides --state-dir
-    #[arg(long, global = true, env = "CHAN_RUN_STORE", value_name = "URL")]
+    #[arg(long, global = true, env = "CHAN_RUN_STORE", hide_env_values = true, value_name = "URL")]
     pub store: Option<String>,
 
     #[command(subcommand)]

@@ -25,6 +25,9 @@ pub enum ExitCode {
     NotFound,
     /// The command died of signal N, or chan-run was interrupted by it.
     Signal(i32),
+    /// The store could not be reached or did not answer in time (`EX_UNAVAILABLE`):
+    /// nothing ran; worth a retry.
+    Unavailable,
     /// The store lost the channel's lock while the command ran (PostgreSQL store): the
     /// command was stopped, or its result was not recorded.
     LockLost,
@@ -59,6 +62,7 @@ impl ExitCode {
             ExitCode::NotFound => 127,
             ExitCode::Signal(sig) => (128 + sig).clamp(0, 255) as u8,
             ExitCode::LockLost => 122,
+            ExitCode::Unavailable => 69,
         }
     }
 }

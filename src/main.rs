@@ -30,7 +30,10 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code.into(),
         Err(e) => {
             ui::say(format_args!("{e:#}"));
-            ExitCode::Failed.into()
+            match e.downcast_ref::<store::Unavailable>() {
+                Some(_) => ExitCode::Unavailable.into(),
+                None => ExitCode::Failed.into(),
+            }
         }
     }
 }

@@ -17,6 +17,8 @@ mod operators;
 mod order;
 mod pg_harness;
 mod postgres;
+mod postgres_attack;
+mod postgres_outage;
 mod postgres_partition;
 mod postgres_pooler;
 mod sessions;

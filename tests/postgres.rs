@@ -15,14 +15,14 @@ fn setup() -> Option<(TestEnv, String)> {
     Some((TestEnv::with_store(&store), store))
 }
 
-fn status(env: &TestEnv, channel: &str) -> serde_json::Value {
+pub fn status(env: &TestEnv, channel: &str) -> serde_json::Value {
     let out = env.command().args(["status", "--json", channel]).output().unwrap();
     assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
     let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     all["channels"].get(0).cloned().unwrap_or(serde_json::Value::Null)
 }
 
-fn queued_pids(env: &TestEnv, channel: &str) -> Vec<u32> {
+pub fn queued_pids(env: &TestEnv, channel: &str) -> Vec<u32> {
     let s = status(env, channel);
     let queue = s["queue"].as_array().cloned().unwrap_or_default();
     queue.iter().map(|w| w["pid"].as_u64().unwrap() as u32).collect()
@@ -32,6 +32,9 @@ fn queued_pids(env: &TestEnv, channel: &str) -> Vec<u32> {
 fn sql(store: &str, query: &str) -> String {
     pg::psql(store, query)
 }
+
+/// The lease rows with their channel's name (`channel`).
+pub const LEASE: &str = "chan_run_lease JOIN chan_run_channel ON id = channel_id";
 
 fn fence_of(env: &TestEnv, name: &str) -> i64 {
     env.read(name).trim().parse().unwrap()
@@ -44,7 +47,7 @@ fn can_fake_hosts() -> bool {
 
 /// Starts caller `i` (appending `i` to `$T/order`) as if on `host`, and returns once it
 /// waits in the channel's queue.
-fn enqueue(env: &TestEnv, channel: &str, i: usize, host: Option<&str>) -> Running {
+pub fn enqueue(env: &TestEnv, channel: &str, i: usize, host: Option<&str>) -> Running {
     let script = sh(&format!(r#"echo {i} >> "$T/order""#));
     let mut cmd = match host {
         Some(host) => {
@@ -256,7 +259,7 @@ fn a_holder_whose_connection_dies_stops_its_command_and_exits_lock_lost() {
         &sh(r#"trap 'echo term > "$T/term"; exit 0' TERM; started held; while :; do sleep 0.05; done"#),
     );
     env.wait_for_file("held");
-    sql(&store, "SELECT pg_terminate_backend(holder_backend) FROM chan_run_channel WHERE channel = 'hb'");
+    sql(&store, &format!("SELECT pg_terminate_backend(backend) FROM {LEASE} WHERE channel = 'hb'"));
     let out = holder.finish(PATIENCE);
     out.assert_code(122);
     assert!(env.exists("term"), "the command got SIGTERM");
@@ -330,16 +333,20 @@ fn a_server_stopped_mid_run_stops_the_command_and_fences_stay_monotonic() {
 }
 
 #[test]
-fn bad_store_urls_unreachable_servers_and_newer_schemas_exit_125_with_one_line() {
+fn bad_store_urls_exit_125_unreachable_servers_69_newer_schemas_125_with_one_line() {
     let env = TestEnv::new();
-    for (url, says) in [
-        ("mysql://u@h/db", "use postgres://USER@HOST"),
-        ("postgres://u@h:notaport/db", "cannot read the URL"),
-        ("postgres://postgres@127.0.0.1:1/nothing", "cannot connect to PostgreSQL at 127.0.0.1:1/nothing"),
+    for (url, code, says) in [
+        ("mysql://u@h/db", 125, "use postgres://USER@HOST"),
+        ("postgres://u@h:notaport/db", 125, "port \"notaport\" is not a port number"),
+        (
+            "postgres://postgres@127.0.0.1:1/nothing",
+            69,
+            "cannot connect to PostgreSQL at 127.0.0.1:1/nothing",
+        ),
     ] {
         let out = env.command().args(["--store", url, "run", "-c", "a", "--", "true"]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(125), "{url}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{url}: {stderr}");
         assert!(stderr.contains(says) && stderr.lines().count() == 1, "{url}: {stderr}");
     }
     let Some((env, store)) = setup() else { return };
@@ -407,10 +414,12 @@ fn an_older_schema_is_migrated_in_place_and_keeps_its_data() {
     // Back to schema version 1, as an older chan-run left it.
     sql(
         &store,
-        "ALTER TABLE chan_run_channel DROP COLUMN holder_space, DROP COLUMN holder_spawn_ticks, \
-         DROP COLUMN holder_spawned_ticks; UPDATE chan_run_meta SET version = 1",
+        "DROP TABLE chan_run_lease; ALTER TABLE chan_run_channel ADD COLUMN holder_host text, \
+         ADD COLUMN holder_pid int, ADD COLUMN holder_backend int, ADD COLUMN holder_since timestamptz, \
+         ADD COLUMN holder_command jsonb, ADD COLUMN holder_command_pid int, ADD COLUMN heartbeat timestamptz; \
+         UPDATE chan_run_meta SET version = 1",
     );
     env.run(&["-c", "m"], &sh(r#"echo "$CHAN_RUN_SESSION_ID""#)).assert().code(0).stdout("kept\n");
-    assert_eq!(sql(&store, "SELECT version FROM chan_run_meta"), "2");
+    assert_eq!(sql(&store, "SELECT version FROM chan_run_meta"), "3");
     assert_eq!(status(&env, "m")["runs"], 2);
 }

@@ -1,4 +1,4 @@
-//! The PostgreSQL store's central promise (src/store/postgres.rs, step 5): a holder cut
+//! The PostgreSQL store's central promise (src/store/postgres/heartbeat.rs, step 5): a holder cut
 //! off from the server by the network stops its command before the server can drop the
 //! holder's session and hand the lock to a caller on another host. The holder runs in a
 //! network namespace of the test's own, joined to this host by a veth pair; the cut then
@@ -7,6 +7,7 @@
 //! `ip netns` (iproute2); skipped, loudly, elsewhere.
 
 use crate::common::*;
+use crate::postgres::LEASE;
 use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -176,7 +177,7 @@ fn a_holder_cut_off_by_the_network_stops_its_command_before_the_server_hands_the
     ));
     let mut holder = Running::start(cmd);
     let command_pid = env.read_pid("pid");
-    let backend = sql("SELECT holder_backend FROM chan_run_channel WHERE channel = 'part'");
+    let backend = sql(&format!("SELECT backend FROM {LEASE} WHERE channel = 'part'"));
     assert_eq!(
         sql(&format!("SELECT client_addr FROM pg_stat_activity WHERE pid = {backend}")),
         link.ns_addr,
@@ -205,9 +206,9 @@ fn a_holder_cut_off_by_the_network_stops_its_command_before_the_server_hands_the
         if holder_exit.is_none() && !holder.is_running() {
             holder_exit = Some(t);
             // The holder's last beat that reached the server; none can arrive any more.
-            last_heard = Some(sql(
-                "SELECT extract(epoch FROM heartbeat)::float8 FROM chan_run_channel WHERE channel = 'part'",
-            ));
+            last_heard = Some(sql(&format!(
+                "SELECT extract(epoch FROM heartbeat)::float8 FROM {LEASE} WHERE channel = 'part'"
+            )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -22,6 +22,7 @@ pub fn reset(store: &dyn Store, args: ResetArgs, control: &'static Control) -> a
         started_at: SystemTime::now(),
         command: &command,
         spawn_ticks: crate::procfs::now_ticks(),
+        ends_by: None,
     };
     lease.announce(&holder)?;
     let mut forgotten = None;

@@ -12,7 +12,10 @@ use crate::store::{Holder, Lease, RecordError, Store};
 use crate::supervise::{self, Finished, Plan};
 use crate::ui;
 use std::ffi::OsString;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+/// SPEC's return-time promise: timeout + kill-after + this.
+const RETURN_SLACK: Duration = Duration::from_secs(1);
 
 pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
@@ -33,7 +36,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let session = session_to_pass(&channel, &record, &args, cwd.as_deref());
     let command = with_session(&args.command, args.session_arg.as_ref(), session.as_deref());
     let started_at = SystemTime::now();
-    let env = command_env(&store_id, &channel, session.as_deref(), lease.fence());
+    let env = command_env(store, &store_id, &channel, session.as_deref(), lease.fence());
     let mut finished = execute(lease.as_mut(), &args, &command, env, started_at, control);
 
     let outcome = Outcome::of(&finished, &channel, &command[0], args.timeout, started_at);
@@ -116,8 +119,15 @@ fn execute(
     started_at: SystemTime,
     control: &'static Control,
 ) -> Finished {
-    let holder =
-        Holder { pid: std::process::id(), started_at, command, spawn_ticks: crate::procfs::now_ticks() };
+    let holder = Holder {
+        pid: std::process::id(),
+        started_at,
+        command,
+        spawn_ticks: crate::procfs::now_ticks(),
+        ends_by: Some(args.timeout)
+            .filter(|t| !t.is_zero())
+            .and_then(|t| Instant::now().checked_add(t + args.kill_after + RETURN_SLACK)),
+    };
     if let Err(e) = lease.announce(&holder) {
         ui::warn(format!("cannot record the holder ({e:#}); running anyway"));
     }
@@ -185,7 +195,8 @@ fn release(lease: Box<dyn Lease>) {
 }
 
 fn command_env(
-    store: &str,
+    store: &dyn Store,
+    store_id: &str,
     channel: &Channel,
     session: Option<&str>,
     fence: Option<i64>,
@@ -193,7 +204,9 @@ fn command_env(
     vec![
         ("CHAN_RUN_CHANNEL", Some(channel.name().into())),
         ("CHAN_RUN_SESSION_ID", session.map(OsString::from)),
-        (super::held::HELD_ENV, Some(super::held::held_env(store, channel))),
+        (super::held::HELD_ENV, Some(super::held::held_env(store_id, channel))),
         ("CHAN_RUN_FENCE", fence.map(|f| f.to_string().into())),
+        // The store as the command may know it: never with a password.
+        ("CHAN_RUN_STORE", store.url_without_password().map(OsString::from)),
     ]
 }

@@ -28,6 +28,12 @@ pub enum Wait {
 #[error("lock lost, state not written: {0}")]
 pub struct LockLost(pub String);
 
+/// The store could not be reached, or did not answer within its bounds (a server down,
+/// restarting or out of connection slots): nothing ran, and a retry may well succeed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct Unavailable(pub anyhow::Error);
+
 /// Why the channel's record could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -75,6 +81,9 @@ pub struct Holder<'a> {
     pub command: &'a [OsString],
     /// Clock ticks since boot just before the command is forked.
     pub spawn_ticks: u64,
+    /// When the run must be over (its return-time promise), if it has a time limit: a
+    /// store's final write keeps to it.
+    pub ends_by: Option<Instant>,
 }
 
 /// What `status` shows of one channel.
@@ -130,6 +139,12 @@ pub trait Store {
     /// Where this store keeps its locks, the same for every process that reaches the
     /// same store by whatever path (no spaces): a nested run compares it.
     fn id(&self) -> String;
+
+    /// Where this store is, as the command may be told it (`CHAN_RUN_STORE`): without a
+    /// password or other secret. `None`: the store is not named by `CHAN_RUN_STORE`.
+    fn url_without_password(&self) -> Option<String> {
+        None
+    }
 
     /// Removes the records, logs, queue folders and lock files of channels whose last
     /// run ended more than `idle_for` ago and that nobody holds or waits for.

@@ -104,6 +104,18 @@ impl PrivateServer {
         script(&["pgbouncer", &self.name, mode, &size.to_string()]).map_err(unavailable).ok()
     }
 
+    /// A PgBouncer as [`PrivateServer::pgbouncer`] whose `server_reset_query` is empty:
+    /// a server session goes to the next client as the last one left it.
+    pub fn pgbouncer_without_reset(&self, mode: &str, size: u32) -> Option<String> {
+        script(&["pgbouncer", &self.name, mode, &size.to_string(), "noreset"]).map_err(unavailable).ok()
+    }
+
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`); `start_again`
+    /// brings it back.
+    pub fn crash(&self) {
+        script(&["crash", &self.name]).unwrap_or_else(|err| panic!("crashing {}: {err}", self.name));
+    }
+
     /// Turns on TLS (a fresh CA and a server certificate for 127.0.0.1) and refuses
     /// plain TCP from now on; returns the CA certificate's path.
     pub fn tls(&self) -> String {
