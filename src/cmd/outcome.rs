@@ -8,6 +8,7 @@ use crate::state::{ChannelRecord, LastRun, Outcome as Kind};
 use crate::supervise::{Ending, Finished, Stop};
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::time::{Duration, SystemTime};
 
 pub struct Outcome {
@@ -16,7 +17,7 @@ pub struct Outcome {
     /// record is left as it was.
     pub last_run: Option<LastRun>,
     /// What chan-run says about the ending on stderr, and whether `-q` silences it.
-    pub message: Option<(String, bool)>,
+    pub message: Option<Message>,
 }
 
 impl Outcome {
@@ -40,40 +41,7 @@ impl Outcome {
                 let message = format!("cannot run {shown}: {}", spawn_hint(e));
                 (ExitCode::from_spawn_error(e), Kind::SpawnFailed, None, None, Some((message, false)))
             }
-            Ending::Ran { status, stop, pid } => {
-                let exit = status.and_then(|s| s.code());
-                let signal = status.map_or(Some(libc::SIGKILL), |s| s.signal());
-                let (code, kind, exit, signal, message) = match stop {
-                    Some(Stop::Timeout) => {
-                        let message = format!(
-                            "{shown} timed out after {}; stopped it",
-                            crate::duration::short(timeout)
-                        );
-                        (ExitCode::TimedOut, Kind::TimedOut, exit, signal, Some((message, true)))
-                    }
-                    Some(Stop::Signal(sig)) => {
-                        (ExitCode::Signal(*sig), Kind::Interrupted, exit, signal, None)
-                    }
-                    Some(Stop::LockLost) => {
-                        let message = format!(
-                            "lost channel {channel}'s lock while {shown} ran; stopped it before the channel could be handed on"
-                        );
-                        (ExitCode::LockLost, Kind::Interrupted, exit, signal, Some((message, false)))
-                    }
-                    None => match status {
-                        Some(s) if s.success() => (ExitCode::OK, Kind::Ok, exit, None, None),
-                        Some(s) if s.signal().is_some() => {
-                            (ExitCode::from_status(*s), Kind::Signaled, None, signal, None)
-                        }
-                        Some(s) => (ExitCode::from_status(*s), Kind::Failed, exit, None, None),
-                        None => (ExitCode::Failed, Kind::Failed, None, signal, None),
-                    },
-                };
-                match status {
-                    Some(_) => (code, kind, exit, signal, message),
-                    None => (code, kind, exit, signal, Some((unreaped(message, *pid), false))),
-                }
-            }
+            Ending::Ran { status, stop, pid } => ran(*status, *stop, *pid, channel, &shown, timeout),
         };
         let last_run = LastRun {
             started_at: rfc3339(started_at),
@@ -108,6 +76,50 @@ impl Outcome {
     }
 }
 
+/// How a command that ran ended: its code, the record's outcome, exit code and signal,
+/// and what chan-run says about it.
+fn ran(
+    status: Option<ExitStatus>,
+    stop: Option<Stop>,
+    pid: u32,
+    channel: &Channel,
+    shown: &str,
+    timeout: Duration,
+) -> Ended {
+    let exit = status.and_then(|s| s.code());
+    let signal = status.map_or(Some(libc::SIGKILL), |s| s.signal());
+    let (code, kind, exit, signal, message) = match stop {
+        Some(Stop::Timeout) => {
+            let message = format!("{shown} timed out after {}; stopped it", crate::duration::short(timeout));
+            (ExitCode::TimedOut, Kind::TimedOut, exit, signal, Some((message, true)))
+        }
+        Some(Stop::Signal(sig)) => (ExitCode::Signal(sig), Kind::Interrupted, exit, signal, None),
+        Some(Stop::LockLost) => {
+            let message = format!(
+                "lost channel {channel}'s lock while {shown} ran; stopped it before the channel could be handed on"
+            );
+            (ExitCode::LockLost, Kind::Interrupted, exit, signal, Some((message, false)))
+        }
+        None => match status {
+            Some(s) if s.success() => (ExitCode::OK, Kind::Ok, exit, None, None),
+            Some(s) if s.signal().is_some() => (ExitCode::from_status(s), Kind::Signaled, None, signal, None),
+            Some(s) => (ExitCode::from_status(s), Kind::Failed, exit, None, None),
+            None => (ExitCode::Failed, Kind::Failed, None, signal, None),
+        },
+    };
+    let message = match status {
+        Some(_) => message,
+        None => Some((unreaped(message, pid), false)),
+    };
+    (code, kind, exit, signal, message)
+}
+
+/// The exit code, the record's outcome, exit code and signal, and what chan-run says.
+type Ended = (ExitCode, Kind, Option<i32>, Option<i32>, Option<Message>);
+
+/// A line chan-run says, and whether `-q` silences it.
+type Message = (String, bool);
+
 /// The command's own status, for a message about a run whose lock was lost.
 pub fn command_status(finished: &Finished) -> Option<ExitCode> {
     match &finished.ending {
@@ -122,7 +134,7 @@ pub fn shown(program: &OsString) -> String {
 }
 
 /// The ending's message, and that the SIGKILLed leader could not be reaped in time.
-fn unreaped(message: Option<(String, bool)>, pid: u32) -> String {
+fn unreaped(message: Option<Message>, pid: u32) -> String {
     let stuck = format!(
         "pid {pid} got SIGKILL but had not exited {} later (stuck in the kernel, state D?); it runs none of its code again and ends when the kernel lets it go",
         crate::duration::short(crate::supervise::REAP_AFTER_KILL)

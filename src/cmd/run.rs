@@ -51,35 +51,45 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     };
     let new_session = session_from_output(&mut finished, &args, &channel, &command[0], &mut last_run);
     let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
-    // Recorded before the lock is released; a failure here must not change the exit
-    // status: the command ran, and a bot must not send the message again.
+    // Recorded before the lock is released.
     let mut entry = |after: &ChannelRecord| Outcome::entry(&last_run, record.session_id.clone(), after);
     let (recorded, logged) = lease.record_run(&mut |r| r.apply(result.clone()), &mut entry);
     if let Err(e) = logged {
         ui::warn(format!("the run was not added to the channel's history ({e:#})"));
     }
-    let code = match recorded {
-        Ok(()) => outcome.code,
-        Err(RecordError::LockLost(lost)) => {
-            // Another run may have overlapped this one: the caller must know, whatever
-            // the command's own status was.
-            let status = outcome::command_status(&finished)
-                .map(|code| format!("; the command itself ended with {code}"))
-                .unwrap_or_default();
-            ui::say(format_args!("channel {channel}: {lost}{status}"));
-            return Ok(ExitCode::LockLost);
-        }
-        Err(RecordError::Interrupted(sig)) => {
-            ui::warn(format!("signal {sig} came while waiting to record the run: it was not recorded"));
-            ExitCode::Signal(sig)
-        }
-        Err(RecordError::Failed(e)) => {
-            ui::warn(format!("the run was not recorded ({e:#}); exit status kept"));
-            outcome.code
-        }
+    let code = match recorded.map_err(|e| not_recorded(e, &channel, &finished)) {
+        Ok(()) | Err(None) => outcome.code,
+        // The lock is no longer this run's to release.
+        Err(Some(ExitCode::LockLost)) => return Ok(ExitCode::LockLost),
+        Err(Some(code)) => code,
     };
     release(lease);
     Ok(code)
+}
+
+/// Says why the run's record was not written; returns the exit code that replaces the
+/// command's, if one does. A failure to record does not: the command ran, and a bot
+/// must not send the message again.
+fn not_recorded(e: RecordError, channel: &Channel, finished: &Finished) -> Option<ExitCode> {
+    match e {
+        RecordError::LockLost(lost) => {
+            // Another run may have overlapped this one: the caller must know, whatever
+            // the command's own status was.
+            let status = outcome::command_status(finished)
+                .map(|code| format!("; the command itself ended with {code}"))
+                .unwrap_or_default();
+            ui::say(format_args!("channel {channel}: {lost}{status}"));
+            Some(ExitCode::LockLost)
+        }
+        RecordError::Interrupted(sig) => {
+            ui::warn(format!("signal {sig} came while waiting to record the run: it was not recorded"));
+            Some(ExitCode::Signal(sig))
+        }
+        RecordError::Failed(e) => {
+            ui::warn(format!("the run was not recorded ({e:#}); exit status kept"));
+            None
+        }
+    }
 }
 
 /// The stored session id to pass on, if any: not with `--no-session`, not one that
