@@ -226,3 +226,20 @@ fn signal_ignored_at_start_stays_ignored() {
     let mask = u64::from_str_radix(out.stdout().trim().trim_start_matches("SigIgn:").trim(), 16).unwrap();
     assert_ne!(mask & 1, 0, "SIGHUP is not ignored in the command: SigIgn {mask:x}");
 }
+
+#[test]
+fn a_command_whose_chan_run_dies_at_its_first_instruction_leaves_nothing_to_the_next_run() {
+    // The command's own process writes its pid (= its group) into the holder record
+    // before `exec` (src/store/local/lock.rs says why): however early chan-run dies, the
+    // record names the group. Here the command's very first act forks a sleeper into
+    // its group and SIGKILLs chan-run; the next run must kill the sleeper before its own
+    // command starts.
+    let env = TestEnv::new();
+    let first = env.spawn(&["-c", "early"], &sh(r#"sleep 60 & echo $! > "$T/sleeper"; kill -9 $PPID; wait"#));
+    let sleeper = env.read_pid("sleeper");
+    let _cleanup = KillOnDrop(vec![sleeper]);
+    assert_eq!(first.finish(PATIENCE).status.signal(), Some(9));
+    let out = env.spawn(&["-c", "early"], &sh(&format!(r#"alive {sleeper} && echo alive || echo gone"#)));
+    let out = out.finish(PATIENCE);
+    assert_eq!((out.code(), out.stdout().as_str()), (0, "gone\n"), "stderr: {}", out.stderr());
+}
