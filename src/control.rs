@@ -187,7 +187,11 @@ impl Control {
         let wake = WakeOnDrop(self.waker().map_err(failed)?);
         std::thread::Builder::new()
             .spawn(move || {
-                let _wake = wake; // dropped after the send, so the wake-up finds the answer
+                // Locals drop in reverse order, on return and on a panic alike: the answer's
+                // sender first (sent, or disconnected), then the wake-up, which so always
+                // finds what it announces.
+                let _wake = wake;
+                let tx = tx;
                 let _ = tx.send(work(&progress));
             })
             .map_err(|e| Gave::Failed(format!("cannot start a thread to wait ({e})")))?;
