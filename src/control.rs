@@ -116,14 +116,8 @@ impl Control {
         Waker(Arc::clone(&self.tx))
     }
 
-    /// As [`Control::wake_handle`], which cannot fail; the `Result` is the stores' (they
-    /// were written when a waker duplicated a descriptor).
-    pub fn waker(&self) -> io::Result<Waker> {
-        Ok(self.wake_handle())
-    }
-
-    pub fn lock_lost_alarm(&self) -> io::Result<LockLostAlarm> {
-        Ok(LockLostAlarm { flag: Arc::clone(&self.lock_lost), waker: self.wake_handle() })
+    pub fn lock_lost_alarm(&self) -> LockLostAlarm {
+        LockLostAlarm { flag: Arc::clone(&self.lock_lost), waker: self.wake_handle() }
     }
 
     /// Whether the store raised the lock-lost alarm (it stays raised).
@@ -182,9 +176,8 @@ impl Control {
     ) -> Result<T, Gave> {
         let (tx, rx) = mpsc::channel();
         let (progress_tx, progress_rx) = mpsc::channel();
-        let failed = |e: io::Error| Gave::Failed(format!("cannot set up waiting: {e}"));
-        let progress = Progress { tx: progress_tx, waker: self.waker().map_err(failed)? };
-        let wake = WakeOnDrop(self.waker().map_err(failed)?);
+        let progress = Progress { tx: progress_tx, waker: self.wake_handle() };
+        let wake = WakeOnDrop(self.wake_handle());
         std::thread::Builder::new()
             .spawn(move || {
                 // Locals drop in reverse order, on return and on a panic alike: the answer's

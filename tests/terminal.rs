@@ -11,12 +11,7 @@ use std::io::Write;
 /// `hang_up` the input ends there (script(1) then types an end-of-file); otherwise the
 /// keyboard stays silent and open until the script ends.
 fn on_terminal(env: &TestEnv, body: &str, input: &[u8], hang_up: bool) -> Outcome {
-    let script = env.path("on-terminal.sh");
-    std::fs::write(&script, body).unwrap();
-    let mut cmd = std::process::Command::new("script");
-    env.apply(&mut cmd);
-    cmd.env("SHELL", "/bin/sh").arg("-qec").arg(format!("sh '{}'", script.display())).arg("/dev/null");
-    let mut run = Running::start_with_stdin(cmd);
+    let mut run = start_on_terminal(env, body);
     let mut stdin = run.child().stdin.take().unwrap();
     stdin.write_all(input).unwrap();
     let keyboard = (!hang_up).then_some(stdin);
@@ -24,6 +19,17 @@ fn on_terminal(env: &TestEnv, body: &str, input: &[u8], hang_up: bool) -> Outcom
     drop(keyboard);
     out.stdout.retain(|&b| b != b'\r');
     out
+}
+
+/// Starts the shell script `body` on a new pseudo-terminal made by script(1); its
+/// keyboard is the returned run's stdin.
+fn start_on_terminal(env: &TestEnv, body: &str) -> Running {
+    let script = env.path("on-terminal.sh");
+    std::fs::write(&script, body).unwrap();
+    let mut cmd = std::process::Command::new("script");
+    env.apply(&mut cmd);
+    cmd.env("SHELL", "/bin/sh").arg("-qec").arg(format!("sh '{}'", script.display())).arg("/dev/null");
+    Running::start_with_stdin(cmd)
 }
 
 #[test]
@@ -155,16 +161,10 @@ fn background_run_leaves_the_terminal_to_the_shell() {
 #[test]
 fn ctrl_c_on_the_terminal_stops_the_command() {
     let env = TestEnv::new();
-    let script = env.path("on-terminal.sh");
-    std::fs::write(
-        &script,
+    let mut run = start_on_terminal(
+        &env,
         r#""$B" run -c tty -t 10 -- sh -c 'echo $$ > "$T/pid"; : > "$T/in"; exec sleep 30'; echo "rc=$?""#,
-    )
-    .unwrap();
-    let mut cmd = std::process::Command::new("script");
-    env.apply(&mut cmd);
-    cmd.env("SHELL", "/bin/sh").arg("-qec").arg(format!("sh '{}'", script.display())).arg("/dev/null");
-    let mut run = Running::start_with_stdin(cmd);
+    );
     let mut keyboard = run.child().stdin.take().unwrap();
     env.wait_for_file("in");
     let pid = env.read_pid("pid");
@@ -210,12 +210,7 @@ fn stopped_with_ctrl_z(
         {FOREGROUND} && echo "shell has the terminal at the end"
         "#
     );
-    let script = env.path("on-terminal.sh");
-    std::fs::write(&script, body).unwrap();
-    let mut cmd = std::process::Command::new("script");
-    env.apply(&mut cmd);
-    cmd.env("SHELL", "/bin/sh").arg("-qec").arg(format!("sh '{}'", script.display())).arg("/dev/null");
-    let mut run = Running::start_with_stdin(cmd);
+    let mut run = start_on_terminal(env, &body);
     let mut keyboard = run.child().stdin.take().unwrap();
     env.wait_for_file("in");
     let command = env.read_pid("pid");

@@ -124,8 +124,9 @@ impl Store for LocalStore {
         control: &'static Control,
         on_wait: &mut dyn FnMut(&WaitNote),
     ) -> Result<Box<dyn Lease>, AcquireError> {
-        let file = acquire::acquire(&self.files(channel), wait, control, on_wait)?;
-        Ok(Box::new(lease::LocalLease::take(self.files(channel), file, control)?))
+        let files = self.files(channel);
+        let file = acquire::acquire(&files, wait, control, on_wait)?;
+        Ok(Box::new(lease::LocalLease::take(files, file, control)?))
     }
 }
 

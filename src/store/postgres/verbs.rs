@@ -42,7 +42,7 @@ impl Store for PgStore {
             Wait::Until(d) => Some(d),
             Wait::Forever => None,
         };
-        let waiting = Waiting::watched(control, until)?;
+        let waiting = Waiting::watched(control, until);
         let mut conn = self.connect(&waiting)?;
         loop {
             let (id, got) = self.try_lock(&conn, channel, &waiting)?;
@@ -65,7 +65,7 @@ impl Store for PgStore {
                     self.outlast(&conn, id, granted.fence, previous, &waiting)?
                 }
             };
-            let alarm = control.lock_lost_alarm().context("cannot set up the heartbeat")?;
+            let alarm = control.lock_lost_alarm();
             let heartbeat = Heartbeat::start(conn.clone(), id, granted.fence, proven_at, alarm);
             return Ok(Box::new(PgLease {
                 conn,
@@ -127,7 +127,7 @@ impl Store for PgStore {
     }
 
     fn gc(&self, idle_for: Duration, dry_run: bool, control: &'static Control) -> anyhow::Result<GcReport> {
-        let wait = Waiting::watched(control, None)?;
+        let wait = Waiting::watched(control, None);
         let conn = self.connect(&wait)?;
         // A channel whose last holder's lease may still run (its command too) is kept:
         // removing its row would forget what the next holder must wait out.

@@ -3,7 +3,6 @@
 //! never deaf to a forwarded signal. The one place in this store that blocks.
 
 use crate::control::{Control, Waker};
-use anyhow::anyhow;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
@@ -18,9 +17,8 @@ pub struct Waiting<'a> {
 
 impl<'a> Waiting<'a> {
     /// A caller that forwards signals (run, reset): they end the wait.
-    pub fn watched(control: &'a Control, until: Option<Instant>) -> anyhow::Result<Waiting<'a>> {
-        let waker = control.waker().map_err(|e| anyhow!("cannot set up waiting: {e}"))?;
-        Ok(Waiting { until, control: Some(control), waker: Some(Arc::new(waker)) })
+    pub fn watched(control: &'a Control, until: Option<Instant>) -> Waiting<'a> {
+        Waiting { until, control: Some(control), waker: Some(Arc::new(control.wake_handle())) }
     }
 
     /// A caller with the default signal dispositions (a signal ends the process) and
