@@ -140,29 +140,31 @@ impl<'a> ActiveFile<'a> {
         };
         if let Some(at) = hint
             && let Ok(found) = lines::find(&file, name, &[at])
-            && let Some(line) = found.last()
+            && !found.is_empty()
         {
-            return Ok((line.record.clone(), Some(line.offset)));
+            return Ok(newest(&found));
         }
         // The index answers without the append lock, "absent" (a new channel) included.
         if let Some(Ok(found)) = self.peek(&file, &header, name) {
-            return Ok(found
-                .last()
-                .map_or((ChannelRecord::default(), None), |l| (l.record.clone(), Some(l.offset))));
+            return Ok(newest(&found));
         }
         // No index to ask (the first run after an upgrade, or one killed mid-rewrite):
         // settle it, under the append lock.
-        let s = self.settle(Waits::new(self.control), false)?;
-        match s.lines_of(name) {
-            Ok(found) => Ok(found
-                .last()
-                .map_or((ChannelRecord::default(), None), |l| (l.record.clone(), Some(l.offset)))),
-            Err(_) => {
-                drop(s);
-                self.settle(Waits::new(self.control), true)?;
-                Ok((ChannelRecord::default(), None))
-            }
+        let (_, found) = self.settled_lines(Waits::new(self.control), name)?;
+        Ok(newest(&found))
+    }
+
+    /// `active.json` settled (see `settle`), with `name`'s lines; a line of `name`'s that
+    /// does not parse has the file moved aside first.
+    fn settled_lines(&self, waits: Waits, name: &str) -> Result<(Structure<'a>, Vec<Line>), RecordError> {
+        let s = self.settle(waits, false)?;
+        if let Ok(found) = s.lines_of(name) {
+            return Ok((s, found));
         }
+        drop(s);
+        let s = self.settle(waits, true)?;
+        let found = s.lines_of(name).map_err(|d| anyhow::anyhow!("{}: {}", self.shown(), d.0))?;
+        Ok((s, found))
     }
 
     /// `name`'s lines as the index names them, without the append lock (`None` if the
@@ -189,15 +191,7 @@ impl<'a> ActiveFile<'a> {
         if self.in_place(name, hint.get(), change, waits)? {
             return Ok(());
         }
-        let mut s = self.settle(waits, false)?;
-        let found = match s.lines_of(name) {
-            Ok(found) => found,
-            Err(_) => {
-                drop(s);
-                s = self.settle(waits, true)?;
-                s.lines_of(name).map_err(|d| anyhow::anyhow!("{}: {}", self.shown(), d.0))?
-            }
-        };
+        let (mut s, found) = self.settled_lines(waits, name)?;
         let mut record = found.last().map(|l| l.record.clone()).unwrap_or_default();
         change(&mut record);
         let written = self.restructure(&mut s, name, &found, &record, hint);
@@ -323,6 +317,11 @@ impl<'a> ActiveFile<'a> {
         self.quarantine(why)?;
         Ok(StateFile::default())
     }
+}
+
+/// The record among a channel's lines (the last one), and where it is.
+fn newest(found: &[Line]) -> (ChannelRecord, Option<u64>) {
+    found.last().map_or((ChannelRecord::default(), None), |l| (l.record.clone(), Some(l.offset)))
 }
 
 /// A line that read as invalid, read again a few times (a concurrent in-place write).
