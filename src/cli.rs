@@ -125,6 +125,11 @@ pub struct RunArgs {
     #[command(flatten)]
     pub wait: WaitArgs,
 
+    /// Also hold a seat in pool NAME, shared by every channel naming it: at most N runs
+    /// hold its seats at once (repeatable; taken after the channel, in name order)
+    #[arg(long = "pool", env = "CHAN_RUN_POOL", value_name = "NAME:N", value_parser = crate::pool::parse)]
+    pub pools: Vec<crate::pool::Pool>,
+
     /// When the channel has a stored session id, append `FLAG ID` to the command (e.g. --session-arg=--resume)
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     pub session_arg: Option<OsString>,

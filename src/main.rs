@@ -9,6 +9,7 @@ mod duration;
 mod exit_code;
 mod history;
 mod orphans;
+mod pool;
 mod procfs;
 mod pump;
 mod session;

@@ -15,9 +15,10 @@ pub fn gc(
     let verb = if args.dry_run { "would remove" } else { "removed" };
     for item in &items {
         let idle = crate::duration::short(item.idle);
+        let what = if item.pool { format!("pool {}", item.channel) } else { item.channel.clone() };
         match item.kept {
-            None => out.push_str(&format!("{verb} {} (idle {idle})\n", item.channel)),
-            Some(why) => out.push_str(&format!("kept {} (idle {idle}): {why}\n", item.channel)),
+            None => out.push_str(&format!("{verb} {what} (idle {idle})\n")),
+            Some(why) => out.push_str(&format!("kept {what} (idle {idle}): {why}\n")),
         }
     }
     if items.is_empty() {

@@ -14,9 +14,20 @@ use crate::channel::Channel;
 use crate::cli::WaitArgs;
 use crate::control::Control;
 use crate::exit_code::ExitCode;
-use crate::store::{AcquireError, Lease, Store, Wait, WaitNote};
+use crate::pool::Pool;
+use crate::store::{AcquireError, Lease, SeatNote, Store, Wait, WaitNote};
 use std::io::IsTerminal;
 use std::time::Instant;
+
+/// How long this caller waits, as `-n`/`-w` say: one deadline for the channel and
+/// every seat.
+pub fn wait_of(args: &WaitArgs) -> Wait {
+    match (args.no_wait, args.wait) {
+        (true, _) => Wait::No,
+        (false, Some(d)) => Instant::now().checked_add(d).map_or(Wait::Forever, Wait::Until),
+        (false, None) => Wait::Forever,
+    }
+}
 
 /// Queues for `channel` as `args` says; `Err(code)` when the caller must exit with it
 /// (busy, or interrupted while waiting: then nothing ran).
@@ -24,25 +35,63 @@ pub fn acquire(
     store: &dyn Store,
     channel: &Channel,
     args: &WaitArgs,
+    wait: Wait,
     quiet: bool,
     control: &'static Control,
 ) -> anyhow::Result<Result<Box<dyn Lease>, ExitCode>> {
-    let wait = match (args.no_wait, args.wait) {
-        (true, _) => Wait::No,
-        (false, Some(d)) => Instant::now().checked_add(d).map_or(Wait::Forever, Wait::Until),
-        (false, None) => Wait::Forever,
-    };
     let mut on_wait = |note: &WaitNote| {
         if !quiet && std::io::stderr().is_terminal() {
             crate::ui::say(waiting_line(channel, note));
         }
     };
-    match store.acquire(channel, wait, control, &mut on_wait) {
-        Ok(lease) => Ok(Ok(lease)),
+    let acquired = store.acquire(channel, wait, control, &mut on_wait);
+    busy_or_interrupted(acquired, args)
+}
+
+/// Takes a seat in each of `pools` (already in name order) for the held channel, with
+/// the same deadline; `Err(code)` as in `acquire`. Seats already held are kept until the
+/// lease goes.
+pub fn take_seats(
+    lease: &mut dyn Lease,
+    pools: &[Pool],
+    args: &WaitArgs,
+    wait: Wait,
+    quiet: bool,
+    control: &'static Control,
+) -> anyhow::Result<Result<(), ExitCode>> {
+    for pool in pools {
+        let mut on_wait = |note: &SeatNote| {
+            if !quiet && std::io::stderr().is_terminal() {
+                crate::ui::say(seat_line(pool, note));
+            }
+        };
+        if let Err(code) = busy_or_interrupted(lease.take_seat(pool, wait, control, &mut on_wait), args)? {
+            return Ok(Err(code));
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn busy_or_interrupted<T>(
+    taken: Result<T, AcquireError>,
+    args: &WaitArgs,
+) -> anyhow::Result<Result<T, ExitCode>> {
+    match taken {
+        Ok(held) => Ok(Ok(held)),
         Err(AcquireError::Busy) => Ok(Err(ExitCode::Busy(args.conflict_exit_code))),
         Err(AcquireError::Interrupted(sig)) => Ok(Err(ExitCode::Signal(sig))),
         Err(AcquireError::Failed(e)) => Err(e),
     }
+}
+
+fn seat_line(pool: &Pool, note: &SeatNote) -> String {
+    format!(
+        "waiting for a seat in pool {} ({} of {} seats held; {} ahead)",
+        pool.name(),
+        note.held,
+        pool.seats,
+        note.ahead
+    )
 }
 
 fn waiting_line(channel: &Channel, note: &WaitNote) -> String {

@@ -12,10 +12,11 @@ use std::time::SystemTime;
 pub fn reset(store: &dyn Store, args: ResetArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
     super::held::refuse_self_deadlock(&store.id(), &channel)?;
-    let mut lease = match super::acquire(store, &channel, &args.wait, false, control)? {
-        Ok(lease) => lease,
-        Err(code) => return Ok(code),
-    };
+    let mut lease =
+        match super::acquire(store, &channel, &args.wait, super::wait_of(&args.wait), false, control)? {
+            Ok(lease) => lease,
+            Err(code) => return Ok(code),
+        };
     let command = [OsString::from("chan-run"), OsString::from("reset")];
     let holder = Holder {
         pid: std::process::id(),

@@ -21,10 +21,21 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let channel = Channel::new(&args.channel)?;
     let store_id = store.id();
     super::held::refuse_self_deadlock(&store_id, &channel)?;
-    let mut lease = match super::acquire(store, &channel, &args.wait, args.quiet, control)? {
+    let pools = crate::pool::in_taking_order(args.pools.clone()).map_err(anyhow::Error::msg)?;
+    // A seat an ancestor run holds covers its command's nested runs: taking another
+    // could wait for that ancestor forever.
+    let (covered, pools): (Vec<_>, Vec<_>) =
+        pools.into_iter().partition(|p| super::held::ancestor_seat(&store_id, p).is_some());
+    let wait = super::wait_of(&args.wait);
+    let mut lease = match super::acquire(store, &channel, &args.wait, wait, args.quiet, control)? {
         Ok(lease) => lease,
         Err(code) => return Ok(code),
     };
+    if let Err(code) = super::take_seats(lease.as_mut(), &pools, &args.wait, wait, args.quiet, control)? {
+        release(lease);
+        return Ok(code);
+    }
+    let held_pools: Vec<&str> = pools.iter().chain(&covered).map(|p| p.name()).collect();
     let record = match lease.record() {
         Ok(record) => record,
         Err(RecordError::Interrupted(sig)) => return Ok(ExitCode::Signal(sig)),
@@ -36,7 +47,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let session = session_to_pass(&channel, &record, &args, cwd.as_deref());
     let command = with_session(&args.command, args.session_arg.as_ref(), session.as_deref());
     let started_at = SystemTime::now();
-    let env = command_env(store, &store_id, &channel, session.as_deref(), lease.fence());
+    let env = command_env(store, &store_id, &channel, &held_pools, session.as_deref(), lease.fence());
     let mut finished = execute(lease.as_mut(), &args, &command, env, started_at, control);
 
     let outcome = Outcome::of(&finished, &channel, &command[0], args.timeout, started_at);
@@ -208,6 +219,7 @@ fn command_env(
     store: &dyn Store,
     store_id: &str,
     channel: &Channel,
+    pools: &[&str],
     session: Option<&str>,
     fence: Option<i64>,
 ) -> Vec<(&'static str, Option<OsString>)> {
@@ -215,6 +227,7 @@ fn command_env(
         ("CHAN_RUN_CHANNEL", Some(channel.name().into())),
         ("CHAN_RUN_SESSION_ID", session.map(OsString::from)),
         (super::held::HELD_ENV, Some(super::held::held_env(store_id, channel))),
+        (super::held::SEATS_ENV, super::held::seats_env(store_id, pools)),
         ("CHAN_RUN_FENCE", fence.map(|f| f.to_string().into())),
         // The store as the command may know it: never with a password.
         ("CHAN_RUN_STORE", store.url_without_password().map(OsString::from)),

@@ -5,7 +5,7 @@
 use crate::channel::Channel;
 use crate::cli::StatusArgs;
 use crate::exit_code::ExitCode;
-use crate::store::{ChannelStatus, Store};
+use crate::store::{ChannelStatus, PoolStatus, Store};
 use crate::ui::write_out;
 use serde_json::json;
 use std::time::{Duration, SystemTime};
@@ -19,25 +19,74 @@ pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<Exi
         Some(store) => store.status(&only)?,
         None => (Vec::new(), Vec::new()),
     };
+    let mut pools = match store {
+        Some(store) => store.pools(&[])?,
+        None => Vec::new(),
+    };
+    // Named channels: only the pools they hold or wait for a seat in.
+    if !only.is_empty() {
+        pools.retain(|p| {
+            p.holders
+                .iter()
+                .chain(&p.queue)
+                .any(|s| channels.iter().any(|c| s.channel.as_deref() == Some(&c.channel)))
+        });
+    }
     for w in &warnings {
         crate::ui::warn(w);
     }
     if args.json {
-        let list: Vec<_> = channels.iter().map(to_json).collect();
-        let text =
-            serde_json::to_string_pretty(&json!({"version": 1, "channels": list, "warnings": warnings}))?;
+        let list: Vec<_> = channels.iter().map(|c| to_json(c, waiting_for(c, &pools))).collect();
+        let pool_list: Vec<_> = pools.iter().map(pool_json).collect();
+        let text = serde_json::to_string_pretty(
+            &json!({"version": 1, "channels": list, "pools": pool_list, "warnings": warnings}),
+        )?;
         write_out(&format!("{text}\n"))?;
     } else {
-        write_out(&table(&channels, SystemTime::now()))?;
+        let mut out = table(&channels, &pools, SystemTime::now());
+        if !pools.is_empty() {
+            out.push('\n');
+            out.push_str(&pool_table(&pools, SystemTime::now()));
+        }
+        write_out(&out)?;
     }
     Ok(ExitCode::OK)
 }
 
-fn to_json(c: &ChannelStatus) -> serde_json::Value {
+/// The pool whose seat the channel's run waits for: it holds the channel and has not
+/// started its command yet.
+fn waiting_for<'a>(c: &ChannelStatus, pools: &'a [PoolStatus]) -> Option<&'a str> {
+    pools
+        .iter()
+        .find(|p| p.queue.iter().any(|w| w.channel.as_deref() == Some(&c.channel)))
+        .map(|p| p.pool.as_str())
+}
+
+fn state(c: &ChannelStatus, waiting: Option<&str>) -> &'static str {
+    match (waiting, c.running) {
+        (Some(_), _) => "waiting",
+        (None, true) => "running",
+        (None, false) => "idle",
+    }
+}
+
+fn pool_json(p: &PoolStatus) -> serde_json::Value {
+    json!({
+        "pool": p.pool,
+        "seats": p.seats,
+        "held": p.holders.len(),
+        "holders": p.holders,
+        "waiting": p.queue.len(),
+        "queue": p.queue,
+    })
+}
+
+fn to_json(c: &ChannelStatus, waiting: Option<&str>) -> serde_json::Value {
     let record = c.record.clone().unwrap_or_default();
     json!({
         "channel": c.channel,
-        "state": if c.running { "running" } else { "idle" },
+        "state": state(c, waiting),
+        "waiting_for_pool": waiting,
         "holder": c.holder,
         "waiting": c.queue.len(),
         "queue": c.queue,
@@ -53,15 +102,54 @@ const HEADERS: [&str; 8] = ["CHANNEL", "STATE", "PID", "FOR", "WAIT", "RUNS", "L
 /// Column caps that keep a row within 100 columns.
 const CAPS: [usize; 8] = [21, 7, 7, 5, 4, 6, 26, 10];
 
-fn table(channels: &[ChannelStatus], now: SystemTime) -> String {
+fn table(channels: &[ChannelStatus], pools: &[PoolStatus], now: SystemTime) -> String {
     if channels.is_empty() {
         return "no channels yet\n".to_owned();
     }
-    let rows: Vec<[String; 8]> = channels.iter().map(|c| row(c, now)).collect();
+    let rows: Vec<[String; 8]> = channels.iter().map(|c| row(c, waiting_for(c, pools), now)).collect();
     crate::ui::table(HEADERS, Some(CAPS), &rows)
 }
 
-fn row(c: &ChannelStatus, now: SystemTime) -> [String; 8] {
+const POOL_HEADERS: [&str; 4] = ["POOL", "SEATS", "HELD BY", "WAITING"];
+const POOL_CAPS: [usize; 4] = [21, 11, 40, 24];
+
+/// Each pool: seats held of N, the holders (channel, pid, for how long) and the
+/// waiters' channels in queue order.
+fn pool_table(pools: &[PoolStatus], now: SystemTime) -> String {
+    let rows: Vec<[String; 4]> = pools
+        .iter()
+        .map(|p| {
+            let seats = match p.seats {
+                Some(n) => format!("{}/{n}", p.holders.len()),
+                None => p.holders.len().to_string(),
+            };
+            let holders: Vec<String> = p
+                .holders
+                .iter()
+                .map(|h| {
+                    let who = h.channel.clone().unwrap_or_else(|| "?".into());
+                    let pid = h.pid.map(|p| format!(" pid {p}")).unwrap_or_default();
+                    let on = h.host.as_ref().map(|h| format!(" on {h}")).unwrap_or_default();
+                    let held_for = h
+                        .since
+                        .as_deref()
+                        .and_then(|t| humantime::parse_rfc3339(t).ok())
+                        .and_then(|t| now.duration_since(t).ok())
+                        .map(|d| format!(" {}", crate::duration::short(d)))
+                        .unwrap_or_default();
+                    format!("{who} ({}{pid}{on}{held_for})", h.seat.map_or("-".into(), |s| format!("#{s}")))
+                })
+                .collect();
+            let waiting: Vec<String> =
+                p.queue.iter().map(|w| w.channel.clone().unwrap_or_else(|| "?".into())).collect();
+            let dash = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+            [p.pool.clone(), seats, dash(holders), dash(waiting)]
+        })
+        .collect();
+    crate::ui::table(POOL_HEADERS, Some(POOL_CAPS), &rows)
+}
+
+fn row(c: &ChannelStatus, waiting: Option<&str>, now: SystemTime) -> [String; 8] {
     let record = c.record.clone().unwrap_or_default();
     let holder = c.holder.as_ref();
     let held_for = holder
@@ -92,7 +180,7 @@ fn row(c: &ChannelStatus, now: SystemTime) -> [String; 8] {
     let dash = || "-".to_owned();
     [
         c.channel.clone(),
-        if c.running { "running" } else { "idle" }.to_owned(),
+        state(c, waiting).to_owned(),
         holder.and_then(|h| h.pid).map_or_else(dash, |p| p.to_string()),
         held_for.unwrap_or_else(dash),
         c.queue.len().to_string(),
@@ -140,7 +228,7 @@ mod tests {
             },
             ChannelStatus { channel: "idle-one".into(), ..Default::default() },
         ];
-        let out = table(&channels, now);
+        let out = table(&channels, &[], now);
         for line in out.lines() {
             assert!(line.chars().count() <= 100, "{} columns: {line}", line.chars().count());
         }

@@ -8,6 +8,7 @@ pub mod postgres;
 
 use crate::channel::Channel;
 use crate::control::Control;
+use crate::pool::Pool;
 use crate::state::ChannelRecord;
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -73,6 +74,15 @@ pub struct WaitNote {
     pub ahead: usize,
 }
 
+/// Shown once when a run has to wait for a seat in a pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeatNote {
+    /// Seats among the ones this caller may take that are held.
+    pub held: usize,
+    /// Callers queued for the pool ahead of this one.
+    pub ahead: usize,
+}
+
 /// Who holds a channel, as recorded for `status` and for the next holder.
 #[derive(Clone, Debug)]
 pub struct Holder<'a> {
@@ -117,9 +127,38 @@ pub struct Waiter {
     pub since: Option<String>,
 }
 
-/// One channel `gc` looked at.
+/// What `status` shows of one pool.
+#[derive(Clone, Debug, Default)]
+pub struct PoolStatus {
+    pub pool: String,
+    /// The seat count (N) named by the newest holder or waiter, if any is known.
+    pub seats: Option<u32>,
+    /// The live seat holders, by seat.
+    pub holders: Vec<SeatView>,
+    /// The live callers waiting for a seat, in queue order.
+    pub queue: Vec<SeatView>,
+}
+
+/// A seat holder or a caller waiting for a seat.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SeatView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    pub channel: Option<String>,
+    pub pid: Option<u32>,
+    pub since: Option<String>,
+    /// The seat held (1 to N); none for a waiter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seat: Option<u32>,
+    /// The N this caller named.
+    pub seats: Option<u32>,
+}
+
+/// One channel (or pool) `gc` looked at.
 #[derive(Clone, Debug)]
 pub struct GcItem {
+    /// A pool's files rather than a channel's.
+    pub pool: bool,
     pub channel: String,
     /// How long since its last run ended.
     pub idle: Duration,
@@ -147,12 +186,17 @@ pub trait Store {
     }
 
     /// Removes the records, logs, queue folders and lock files of channels whose last
-    /// run ended more than `idle_for` ago and that nobody holds or waits for.
+    /// run ended more than `idle_for` ago and that nobody holds or waits for; and the
+    /// files of pools nobody has held a seat in for that long, nor holds or waits for.
     fn gc(&self, idle_for: Duration, dry_run: bool, control: &'static Control) -> anyhow::Result<GcReport>;
 
     /// Every known channel (or the ones named), without taking or joining anything:
     /// never blocks behind a run, never makes a concurrent run fail.
     fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)>;
+
+    /// Every known pool (or the ones named): seats held and callers waiting, read the
+    /// way `status` reads channels (nothing taken or joined).
+    fn pools(&self, only: &[Channel]) -> anyhow::Result<Vec<PoolStatus>>;
 
     /// The channel's newest `n` runs, newest first.
     fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>>;
@@ -177,6 +221,17 @@ pub trait Lease {
     /// Where the command's process writes its own pid into the holder record before
     /// `exec`, if the store can take such a write: (fd, offset, width).
     fn pid_field(&self) -> Option<(RawFd, u64, usize)>;
+    /// Takes a seat in `pool` for this run: first come first served by arrival at the
+    /// pool, waiting as `wait` says (a forwarded signal ends the wait through
+    /// `control`). The seat is held until the lease is released or dropped. A run
+    /// naming several pools takes them in name order.
+    fn take_seat(
+        &mut self,
+        pool: &Pool,
+        wait: Wait,
+        control: &'static Control,
+        on_wait: &mut dyn FnMut(&SeatNote),
+    ) -> Result<(), AcquireError>;
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
     /// The channel's stored record (a damaged state file is moved aside, with a warning).

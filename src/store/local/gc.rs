@@ -53,7 +53,7 @@ pub fn gc(
                     Err(why) => Some(why),
                 }
             };
-            items.push(GcItem { channel: channel.name().to_owned(), idle: *idle, kept });
+            items.push(GcItem { pool: false, channel: channel.name().to_owned(), idle: *idle, kept });
         }
         if holds.is_empty() {
             continue;

@@ -62,6 +62,16 @@ impl Lease for LocalLease {
         self.fields.map(|f| lock::pid_field(&self.file, f))
     }
 
+    fn take_seat(
+        &mut self,
+        pool: &crate::pool::Pool,
+        _wait: crate::store::Wait,
+        _control: &'static Control,
+        _on_wait: &mut dyn FnMut(&crate::store::SeatNote),
+    ) -> Result<(), crate::store::AcquireError> {
+        Err(anyhow::anyhow!("pool {}: not yet", pool.name()).into())
+    }
+
     fn command_started(&mut self, pid: u32, ticks: u64) {
         if let Some(fields) = self.fields {
             lock::write_spawned(&self.file, fields, pid, ticks);

@@ -113,6 +113,10 @@ impl Store for LocalStore {
         status::status(&self.folders, only)
     }
 
+    fn pools(&self, _only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolStatus>> {
+        Ok(Vec::new())
+    }
+
     fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>> {
         Ok(self.files(channel).read_history(n))
     }

@@ -139,6 +139,16 @@ impl Lease for PgLease {
         None
     }
 
+    fn take_seat(
+        &mut self,
+        pool: &crate::pool::Pool,
+        _wait: crate::store::Wait,
+        _control: &'static crate::control::Control,
+        _on_wait: &mut dyn FnMut(&crate::store::SeatNote),
+    ) -> Result<(), crate::store::AcquireError> {
+        Err(anyhow::anyhow!("pool {}: the PostgreSQL store does not keep pools yet", pool.name()).into())
+    }
+
     fn command_started(&mut self, pid: u32, ticks: u64) {
         self.heartbeat.send(Beat::CommandPid(pid, ticks));
     }

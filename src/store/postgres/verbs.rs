@@ -79,6 +79,10 @@ impl Store for PgStore {
         }
     }
 
+    fn pools(&self, _only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolStatus>> {
+        Ok(Vec::new())
+    }
+
     fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)> {
         let wait = Waiting::plain();
         let conn = self.connect(&wait)?;
@@ -149,7 +153,7 @@ impl Store for PgStore {
         let mut items = Vec::new();
         for row in rows {
             let idle = Duration::try_from_secs_f64(row.get::<_, f64>(2)).unwrap_or_default();
-            let mut item = GcItem { channel: row.get(1), idle, kept: None };
+            let mut item = GcItem { pool: false, channel: row.get(1), idle, kept: None };
             item.kept = match row.get::<_, bool>(3) {
                 true => Some("its last holder's lease may still run"),
                 false => self.remove_if_idle(&conn, row.get(0), dry_run)?,
