@@ -16,6 +16,7 @@ mod names;
 mod operators;
 mod order;
 mod pg_harness;
+mod pools;
 mod postgres;
 mod postgres_attack;
 mod postgres_outage;

@@ -21,11 +21,10 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let channel = Channel::new(&args.channel)?;
     let store_id = store.id();
     super::held::refuse_self_deadlock(&store_id, &channel)?;
-    let pools = crate::pool::in_taking_order(args.pools.clone()).map_err(anyhow::Error::msg)?;
+    let mut pools = crate::pool::in_taking_order(args.pools.clone()).map_err(anyhow::Error::msg)?;
     // A seat an ancestor run holds covers its command's nested runs: taking another
     // could wait for that ancestor forever.
-    let (covered, pools): (Vec<_>, Vec<_>) =
-        pools.into_iter().partition(|p| super::held::ancestor_seat(&store_id, p).is_some());
+    pools.retain(|p| super::held::ancestor_seat(&store_id, p).is_none());
     let wait = super::wait_of(&args.wait);
     let mut lease = match super::acquire(store, &channel, &args.wait, wait, args.quiet, control)? {
         Ok(lease) => lease,
@@ -35,7 +34,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         release(lease);
         return Ok(code);
     }
-    let held_pools: Vec<&str> = pools.iter().chain(&covered).map(|p| p.name()).collect();
+    let held_pools: Vec<&str> = pools.iter().map(|p| p.name()).collect();
     let record = match lease.record() {
         Ok(record) => record,
         Err(RecordError::Interrupted(sig)) => return Ok(ExitCode::Signal(sig)),
@@ -49,6 +48,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let started_at = SystemTime::now();
     let env = command_env(store, &store_id, &channel, &held_pools, session.as_deref(), lease.fence());
     let mut finished = execute(lease.as_mut(), &args, &command, env, started_at, control);
+    lease.free_seats();
 
     let outcome = Outcome::of(&finished, &channel, &command[0], args.timeout, started_at);
     if let Some((message, quiet_silences)) = &outcome.message

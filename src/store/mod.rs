@@ -232,6 +232,9 @@ pub trait Lease {
         control: &'static Control,
         on_wait: &mut dyn FnMut(&SeatNote),
     ) -> Result<(), AcquireError>;
+    /// The command has ended: frees the run's seats at once (the channel stays held
+    /// while the run is recorded), so a pool's next waiter need not wait for that.
+    fn free_seats(&mut self) {}
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
     /// The channel's stored record (a damaged state file is moved aside, with a warning).

@@ -100,7 +100,7 @@ fn register(files: &ChannelFiles, mut lock: File, blocking: bool) -> anyhow::Res
                 Err(file) => lock = file,
             }
         }
-        let ticket = queue.take_ticket(&reg, tickets.last().copied())?;
+        let ticket = queue.take_ticket(&reg, tickets.last().copied(), "")?;
         drop(reg);
         let note = wait_note(&lock, tickets.len());
         return Ok(Registered::Queued(queue, ticket, lock, note));

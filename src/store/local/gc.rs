@@ -78,6 +78,7 @@ pub fn gc(
             ));
         }
     }
+    items.extend(super::pool::gc(folders, idle_for, dry_run));
     Ok(GcReport { items, notes })
 }
 

@@ -22,6 +22,8 @@ pub struct LocalLease {
     hint: Option<u64>,
     hint_written: Option<u64>,
     control: &'static Control,
+    /// Seats held in pools, freed with the lease.
+    seats: Vec<super::pool::SeatHold>,
 }
 
 impl LocalLease {
@@ -46,6 +48,7 @@ impl LocalLease {
             hint: contents.hint,
             hint_written: contents.hint,
             control,
+            seats: Vec::new(),
         })
     }
 }
@@ -65,11 +68,17 @@ impl Lease for LocalLease {
     fn take_seat(
         &mut self,
         pool: &crate::pool::Pool,
-        _wait: crate::store::Wait,
-        _control: &'static Control,
-        _on_wait: &mut dyn FnMut(&crate::store::SeatNote),
+        wait: crate::store::Wait,
+        control: &'static Control,
+        on_wait: &mut dyn FnMut(&crate::store::SeatNote),
     ) -> Result<(), crate::store::AcquireError> {
-        Err(anyhow::anyhow!("pool {}: not yet", pool.name()).into())
+        let seat = super::pool::take(&self.files.folders, pool, &self.files.channel, wait, control, on_wait)?;
+        self.seats.push(seat);
+        Ok(())
+    }
+
+    fn free_seats(&mut self) {
+        self.seats.clear();
     }
 
     fn command_started(&mut self, pid: u32, ticks: u64) {
@@ -106,7 +115,9 @@ impl Lease for LocalLease {
         (recorded, self.files.append_history(&entry(&after)))
     }
 
-    fn release(self: Box<Self>) -> anyhow::Result<()> {
+    fn release(mut self: Box<Self>) -> anyhow::Result<()> {
+        // The run is over: the pools' next waiters go first.
+        self.seats.clear();
         let Some(header_len) = self.header_len else { return Ok(()) };
         if self.hint != self.hint_written {
             let _ = lock::write_hint(&self.file, header_len, self.hint);

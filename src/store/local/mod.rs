@@ -4,6 +4,7 @@
 //!     <state-dir>/locks/<stem>.lock   the channel lock and holder record (lock.rs)
 //!     <state-dir>/queue/<stem>/       the channel's FIFO queue of tickets (queue.rs)
 //!     <state-dir>/history/<stem>.log  the channel's runs (history.rs)
+//!     <state-dir>/pools/<stem>/       a pool's seats and queue (pool.rs), made on first use
 //!
 //! The state directory is opened once and checked on its descriptor (dir.rs); its
 //! folders and files are reached relative to it, each checked the same way, and one
@@ -19,6 +20,7 @@ mod gc;
 mod history;
 mod lease;
 mod lock;
+mod pool;
 mod queue;
 mod state;
 mod status;
@@ -45,6 +47,8 @@ pub struct Folders {
     pub locks: Option<OwnedFd>,
     pub queues: Option<OwnedFd>,
     pub history: Option<OwnedFd>,
+    /// Opened on first use: a run naming no pool never looks for it.
+    pools: std::sync::OnceLock<OwnedFd>,
     /// The kind of network filesystem the state directory is on, if it is on one.
     pub network: Option<&'static str>,
 }
@@ -60,6 +64,14 @@ impl Folders {
 
     pub fn history(&self) -> anyhow::Result<&OwnedFd> {
         self.history.as_ref().ok_or_else(|| anyhow!("{} has no history folder", self.state.path.display()))
+    }
+
+    /// The `pools` folder (created, when `create`); `None` if there is none yet.
+    pub fn pools(&self, create: bool) -> anyhow::Result<Option<&OwnedFd>> {
+        if let Some(fd) = self.pools.get() {
+            return Ok(Some(fd));
+        }
+        Ok(self.state.folder("pools", create)?.map(|fd| self.pools.get_or_init(|| fd)))
     }
 
     /// `active.json`, for a writer whose waits `control` can end.
@@ -86,6 +98,7 @@ impl LocalStore {
             locks: state.folder("locks", create)?,
             queues: state.folder("queue", create)?,
             history: state.folder("history", create)?,
+            pools: std::sync::OnceLock::new(),
             state,
             network,
         };
@@ -113,8 +126,8 @@ impl Store for LocalStore {
         status::status(&self.folders, only)
     }
 
-    fn pools(&self, _only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolStatus>> {
-        Ok(Vec::new())
+    fn pools(&self, only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolStatus>> {
+        pool::status(&self.folders, only)
     }
 
     fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>> {

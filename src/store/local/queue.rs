@@ -56,16 +56,17 @@ impl Drop for Registration<'_> {
     }
 }
 
-fn parse_ticket(file: &File) -> Waiter {
-    let mut buf = [0u8; 64];
+/// A ticket's `<pid> <ms since the epoch>[ <what the queue's owner adds>]` line.
+fn parse_ticket(file: &File) -> (Waiter, String) {
+    let mut buf = [0u8; 1024];
     let n = file.read_at(&mut buf, 0).unwrap_or(0);
-    let text = std::str::from_utf8(&buf[..n]).unwrap_or("");
-    let mut words = text.split_ascii_whitespace();
+    let text = std::str::from_utf8(&buf[..n]).unwrap_or("").trim_end_matches('\n');
+    let mut words = text.splitn(3, ' ');
     let pid = words.next().and_then(|w| w.parse().ok());
     let since = words.next().and_then(|w| w.parse::<u64>().ok()).map(|ms| {
         humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
     });
-    Waiter { host: None, pid, since }
+    (Waiter { host: None, pid, since }, words.next().unwrap_or("").to_owned())
 }
 
 fn ticket_name(seq: u64) -> String {
@@ -85,6 +86,11 @@ impl QueueDir {
     /// there is one (nothing taken), else by `LOCK_SH` probes (which never block or
     /// disturb an owner's `LOCK_EX`, nor a successor's `LOCK_SH`).
     pub fn waiters(&self, held: Option<&HashMap<FileId, u32>>) -> Vec<Waiter> {
+        self.waiters_with_notes(held).into_iter().map(|(waiter, _)| waiter).collect()
+    }
+
+    /// As `waiters`, with what each ticket's owner added to it (`take_ticket`'s `note`).
+    pub fn waiters_with_notes(&self, held: Option<&HashMap<FileId, u32>>) -> Vec<(Waiter, String)> {
         let mut waiters = Vec::new();
         for seq in self.tickets().unwrap_or_default() {
             let Ok(fd) = dir::file(&self.dir, &ticket_name(seq), OFlags::RDONLY) else { continue };
@@ -186,8 +192,9 @@ impl QueueDir {
         }
     }
 
-    /// Step 3's ticket: numbered above every ticket present.
-    pub fn take_ticket(&self, _reg: &Registration, above: Option<u64>) -> anyhow::Result<Ticket> {
+    /// Step 3's ticket: numbered above every ticket present; `note` (one line) is kept
+    /// in it for `status`.
+    pub fn take_ticket(&self, _reg: &Registration, above: Option<u64>, note: &str) -> anyhow::Result<Ticket> {
         let mut seq = above.map_or(1, |s| s + 1);
         let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
         let mut file = loop {
@@ -201,7 +208,10 @@ impl QueueDir {
             .context("cannot lock a new queue ticket")?;
         let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
         // Only `status` reads this; a failed write just shows an unknown waiter.
-        let _ = writeln!(file, "{} {}", std::process::id(), since);
+        let _ = match note {
+            "" => writeln!(file, "{} {since}", std::process::id()),
+            _ => writeln!(file, "{} {since} {note}", std::process::id()),
+        };
         Ok(Ticket { seq, file })
     }
 
