@@ -125,6 +125,34 @@ fn waiting_line_on_a_terminal_names_the_holder_and_the_place() {
 }
 
 #[test]
+fn waiting_line_on_a_terminal_names_the_pool_and_the_place() {
+    let env = TestEnv::new();
+    let holder = env.spawn(&["-c", "h", "--pool", "p:1"], &sh("started held; gate go"));
+    env.wait_for_file("held");
+    let queued = env.spawn(&["-c", "q", "--pool", "p:1"], &["true"]);
+    wait_until("a caller to queue for the seat", || {
+        list(&env.state().join("pools").join("p")).iter().any(|n| n.bytes().all(|b| b.is_ascii_digit()))
+    });
+
+    let out =
+        on_terminal(&env, r#""$B" run -c x --pool p:1 -w 0.3 -- touch "$T/ran"; echo "rc=$?""#, b"", true);
+    let shown = out.stdout();
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.trim_end() == "chan-run: waiting for a seat in pool p (1 of 1 seats held; 1 ahead)"),
+        "no waiting line:\n{shown}"
+    );
+    assert!(!shown.contains("waiting for channel"), "{shown}");
+    assert!(shown.contains("rc=75"), "{shown}");
+    assert!(!env.exists("ran"));
+
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    queued.finish(PATIENCE).assert_code(0);
+}
+
+#[test]
 fn no_waiting_line_when_stderr_is_not_a_terminal_or_with_quiet() {
     let env = TestEnv::new();
     let holder = env.hold("busy", "held", "go");

@@ -200,19 +200,31 @@ impl PoolFiles {
     }
 
     /// Step 3, first in line: sleeps until one of seats 1..=N is this caller's.
-    #[cfg(any(target_os = "linux", target_os = "android"))]
     fn first_free(&self, folder: &OwnedFd) -> anyhow::Result<SeatHold> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Ok(watch) = watch(folder) {
+            return self.sleep_on(&watch, folder);
+        }
+        // No inotify (another system, or the user's inotify instances used up): look at
+        // the seats again every 50 ms (documented in the README).
+        loop {
+            if let Some(seat) = self.try_seats(folder)? {
+                return Ok(seat);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Step 3 with the folder watched: tries the seats, then sleeps until a seat file is
+    /// closed by a writer.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn sleep_on(&self, watch: &OwnedFd, folder: &OwnedFd) -> anyhow::Result<SeatHold> {
         use rustix::fs::inotify;
-        let watch =
-            inotify::init(inotify::CreateFlags::CLOEXEC).context("cannot watch the pool (inotify)")?;
-        let path = format!("/proc/self/fd/{}", rustix::fd::AsRawFd::as_raw_fd(folder));
-        inotify::add_watch(&watch, path, inotify::WatchFlags::CLOSE_WRITE | inotify::WatchFlags::ONLYDIR)
-            .context("cannot watch the pool (inotify)")?;
         if let Some(seat) = self.try_seats(folder)? {
             return Ok(seat);
         }
         let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
-        let mut events = inotify::Reader::new(&watch, &mut buf);
+        let mut events = inotify::Reader::new(watch, &mut buf);
         loop {
             let event = match events.next() {
                 Err(Errno::INTR) => continue,
@@ -236,17 +248,6 @@ impl PoolFiles {
             {
                 return Ok(seat);
             }
-        }
-    }
-
-    /// Without inotify: looks at the seats again every 50 ms (documented in the README).
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    fn first_free(&self, folder: &OwnedFd) -> anyhow::Result<SeatHold> {
-        loop {
-            if let Some(seat) = self.try_seats(folder)? {
-                return Ok(seat);
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -326,6 +327,16 @@ impl PoolFiles {
             })
             .count()
     }
+}
+
+/// An inotify watch for seat files closed by a writer in the pool's folder.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn watch(folder: &OwnedFd) -> rustix::io::Result<OwnedFd> {
+    use rustix::fs::inotify;
+    let watch = inotify::init(inotify::CreateFlags::CLOEXEC)?;
+    let path = format!("/proc/self/fd/{}", rustix::fd::AsRawFd::as_raw_fd(folder));
+    inotify::add_watch(&watch, path, inotify::WatchFlags::CLOSE_WRITE | inotify::WatchFlags::ONLYDIR)?;
+    Ok(watch)
 }
 
 fn same(a: &File, b: &File) -> bool {
