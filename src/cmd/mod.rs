@@ -85,13 +85,9 @@ fn busy_or_interrupted<T>(
 }
 
 fn seat_line(pool: &Pool, note: &SeatNote) -> String {
-    format!(
-        "waiting for a seat in pool {} ({} of {} seats held; {} ahead)",
-        pool.name(),
-        note.held,
-        pool.seats,
-        note.ahead
-    )
+    // Whoever waits finds every seat it may take held (the first in line sleeps only then).
+    let n = pool.seats;
+    format!("waiting for a seat in pool {} ({n} of {n} seats held; {} ahead)", pool.name(), note.ahead)
 }
 
 fn waiting_line(channel: &Channel, note: &WaitNote) -> String {

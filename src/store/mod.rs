@@ -77,8 +77,6 @@ pub struct WaitNote {
 /// Shown once when a run has to wait for a seat in a pool.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SeatNote {
-    /// Seats among the ones this caller may take that are held.
-    pub held: usize,
     /// Callers queued for the pool ahead of this one.
     pub ahead: usize,
 }

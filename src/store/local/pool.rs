@@ -158,7 +158,7 @@ impl PoolFiles {
             }
             let ticket = self.take_ticket(&queue, &reg, tickets.last().copied())?;
             drop(reg);
-            let note = SeatNote { held: self.held_seats(queue.fd()), ahead: tickets.len() };
+            let note = SeatNote { ahead: tickets.len() };
             return Ok(Registered::Queued(queue, ticket, note));
         }
     }
@@ -203,7 +203,13 @@ impl PoolFiles {
     fn first_free(&self, folder: &OwnedFd) -> anyhow::Result<SeatHold> {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Ok(watch) = watch(folder) {
-            return self.sleep_on(&watch, folder);
+            let seat = self.sleep_on(&watch, folder);
+            // Closing an inotify instance waits for the kernel's RCU grace period (16 ms
+            // measured): not on the way to the command.
+            if let Err(e) = std::thread::Builder::new().spawn(move || drop(watch)) {
+                drop(e);
+            }
+            return seat;
         }
         // No inotify (another system, or the user's inotify instances used up): look at
         // the seats again every 50 ms (documented in the README).
@@ -314,18 +320,6 @@ impl PoolFiles {
             let _ = record.set_len(text.len() as u64);
         }
         Ok(Some(SeatHold { _lock: lock, _record: record }))
-    }
-
-    /// How many of seats 1..=N are held, from the kernel's lock table (never by taking
-    /// a lock: see the module doc); N where there is no table.
-    fn held_seats(&self, folder: &OwnedFd) -> usize {
-        let Some(held) = crate::procfs::held_flocks() else { return self.pool.seats as usize };
-        (1..=self.pool.seats)
-            .filter(|&k| {
-                rustix::fs::statat(folder, seat_name(k), AtFlags::SYMLINK_NOFOLLOW)
-                    .is_ok_and(|st| held.contains_key(&file_id(&st)))
-            })
-            .count()
     }
 }
 
