@@ -17,6 +17,16 @@ flock "$T/n.lock" sh -c 'n=$(cat "$T/n"); echo $((n-1)) > "$T/n"'"#
     ))
 }
 
+/// The pids holding a flock, from the kernel's lock table.
+fn flock_holders() -> Vec<u32> {
+    let table = std::fs::read_to_string("/proc/locks").unwrap();
+    table
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("FLOCK"))
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .collect()
+}
+
 /// The pids in pool `stem`'s queue tickets, in queue order.
 fn pool_queue(env: &TestEnv, stem: &str) -> Vec<u32> {
     let dir = env.state().join("pools").join(stem);
@@ -52,14 +62,20 @@ fn hold_seat(env: &TestEnv, channel: &str, pool: &str, marker: &str, gate: &str)
 #[test]
 fn twelve_channels_five_runs_each_share_three_seats_in_order() {
     let env = TestEnv::new();
-    let mut runs = Vec::new();
+    let mut runs: Vec<Running> = Vec::new();
     for i in 0..5 {
+        let round = runs.len();
         for c in 0..12 {
             let channel = format!("c{c}");
             runs.push(env.spawn(&["-c", &channel, "--pool", "p:3"], &counted(&channel, i, 0.15)));
         }
-        // Each channel's i-th caller registers before its (i+1)-th.
-        std::thread::sleep(secs(0.05));
+        // Each channel's i-th caller registers before its (i+1)-th: it holds a lock (the
+        // channel's, a ticket, or the queue's registration lock, behind which the next
+        // one would queue) or has ended.
+        for run in &mut runs[round..] {
+            let pid = run.pid();
+            wait_until("a caller to register", || flock_holders().contains(&pid) || !run.is_running());
+        }
     }
     for run in runs {
         run.finish(PATIENCE).assert_code(0);
