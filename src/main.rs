@@ -10,6 +10,7 @@ mod exit_code;
 mod history;
 mod orphans;
 mod procfs;
+mod profile;
 mod pump;
 mod session;
 mod state;

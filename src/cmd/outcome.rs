@@ -50,13 +50,19 @@ impl Outcome {
             exit_code,
             signal,
             outcome: kind,
+            kind: None,
             extra: Default::default(),
         };
         Outcome { code, last_run: Some(last_run), message }
     }
 
     /// The history entry of this run, from the record as the run left it.
-    pub fn entry(last_run: &LastRun, session_before: Option<String>, after: &ChannelRecord) -> Entry {
+    pub fn entry(
+        last_run: &LastRun,
+        session_before: Option<String>,
+        after: &ChannelRecord,
+        session_note: Option<String>,
+    ) -> Entry {
         Entry {
             started_at: last_run.started_at.clone(),
             finished_at: last_run.finished_at.clone(),
@@ -72,6 +78,11 @@ impl Outcome {
                 .get("session_refused")
                 .and_then(|v| v.as_str())
                 .map(str::to_owned),
+            kind: last_run.kind,
+            api_status: last_run.extra.get("api_status").and_then(|v| v.as_u64()),
+            resets_at: last_run.extra.get("resets_at").and_then(|v| v.as_str()).map(str::to_owned),
+            session_note,
+            command: None,
         }
     }
 }
