@@ -83,10 +83,13 @@ class Handler(BaseHTTPRequestHandler):
         }
         self.event("message_start", {"type": "message_start", "message": message})
         if m == "hang":
-            while True:
-                time.sleep(0.5)
-                self.wfile.write(b": ping\n\n")
-                self.wfile.flush()
+            try:
+                while True:
+                    time.sleep(0.5)
+                    self.wfile.write(b": ping\n\n")
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return
         text = "turn %d: %s" % (len(user), last[-200:])
         self.event("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}})

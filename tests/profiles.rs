@@ -269,3 +269,28 @@ fn fresh_after_says_when_it_drops_a_session() {
     store_session(&env, "x", "s2");
     env.run(&["-c", "x", "--fresh-after", "1", "-q"], &fail).assert().stderr("");
 }
+
+#[test]
+fn a_run_whose_chan_run_died_is_in_history_as_died() {
+    let env = TestEnv::new();
+    store_session(&env, "x", "s1");
+    let mut victim = env.hold("x", "holding", "never");
+    let dead_pid = victim.pid();
+    victim.signal(rustix::process::Signal::KILL);
+    let _ = victim.child().wait();
+    let out = env.run(&["-c", "x"], &prints("next")).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("the run of pid {dead_pid} ")), "{}", text(&out.stderr));
+    let entries = history(&env, "x");
+    let died = &entries[1];
+    assert_eq!((&died["kind"], &died["pid"]), (&"died".into(), &dead_pid.into()), "{entries:?}");
+    assert_eq!(died["command"][0], "sh");
+    assert_eq!(died["session_before"], "s1");
+    assert_eq!(entries[0]["kind"], "ok");
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    let table = env.command().args(["history", "x"]).output().unwrap();
+    assert!(text(&table.stdout).contains("died"), "{}", text(&table.stdout));
+    // Said once: the next run finds a clean record.
+    let out = env.run(&["-c", "x"], &prints("again")).output().unwrap();
+    assert!(!text(&out.stderr).contains("died"), "{}", text(&out.stderr));
+}

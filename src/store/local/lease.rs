@@ -6,7 +6,7 @@ use super::lock::{self, Fields};
 use super::state::Hint;
 use crate::control::Control;
 use crate::state::ChannelRecord;
-use crate::store::{Holder, Lease, RecordError};
+use crate::store::{DeadRun, Holder, Lease, RecordError};
 use anyhow::Context;
 use std::fs::File;
 use std::os::fd::RawFd;
@@ -22,6 +22,8 @@ pub struct LocalLease {
     hint: Option<u64>,
     hint_written: Option<u64>,
     control: &'static Control,
+    /// The previous holder's record, left behind by a chan-run that died.
+    died: Option<lock::HolderRecord>,
 }
 
 impl LocalLease {
@@ -46,6 +48,7 @@ impl LocalLease {
             hint: contents.hint,
             hint_written: contents.hint,
             control,
+            died: contents.record,
         })
     }
 }
@@ -94,6 +97,19 @@ impl Lease for LocalLease {
             after = r.clone();
         });
         (recorded, self.files.append_history(&entry(&after)))
+    }
+
+    fn died(&mut self) -> Option<DeadRun> {
+        self.died.take().map(|r| DeadRun {
+            pid: r.pid,
+            started_at: r.started_at,
+            command_pid: r.command_pid,
+            command: r.command,
+        })
+    }
+
+    fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
+        self.files.append_history(entry)
     }
 
     fn release(self: Box<Self>) -> anyhow::Result<()> {
