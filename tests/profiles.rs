@@ -294,3 +294,44 @@ fn a_run_whose_chan_run_died_is_in_history_as_died() {
     let out = env.run(&["-c", "x"], &prints("again")).output().unwrap();
     assert!(!text(&out.stderr).contains("died"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn real_claude_burst_on_three_channels_loses_and_forks_nothing() {
+    let Some(claude) = real_claude() else { return };
+    let env = TestEnv::new();
+    let mock = Mock::start(&env);
+    let per_channel = crate::common::scaled(3, 8);
+    let mut runs = Vec::new();
+    for i in 0..per_channel {
+        for ch in 0..3 {
+            let prompt = format!("burst-c{ch}-m{i}-end");
+            let args = ["-p", prompt.as_str(), "--output-format", "json"];
+            let cmd = claude_cmd(&env, &mock, &claude, &["-c", &format!("chat{ch}")], &args);
+            runs.push((ch, crate::common::Running::start(cmd)));
+        }
+    }
+    for (ch, run) in runs {
+        let out = run.finish(std::time::Duration::from_secs(300));
+        assert_eq!(out.code(), 0, "channel {ch}: {}", out.stderr());
+    }
+    for ch in 0..3 {
+        // The longest conversation the model saw on this channel holds every message.
+        let requests = mock.requests();
+        let longest = requests
+            .iter()
+            .filter(|r| r.to_string().contains(&format!("burst-c{ch}-")))
+            .max_by_key(|r| r["n_messages"].as_u64())
+            .unwrap();
+        let seen = longest.to_string();
+        let lost: Vec<usize> =
+            (0..per_channel).filter(|i| !seen.contains(&format!("burst-c{ch}-m{i}-end"))).collect();
+        assert!(lost.is_empty(), "channel {ch} lost messages {lost:?} (forked or dropped): {longest}");
+        let other = (0..3).filter(|&o| o != ch).any(|o| seen.contains(&format!("burst-c{o}-")));
+        assert!(!other, "channel {ch}'s conversation holds another channel's message");
+        assert_eq!(runs_of(&env, ch), per_channel as u64);
+    }
+}
+
+fn runs_of(env: &TestEnv, ch: usize) -> u64 {
+    runs(env, &format!("chat{ch}"))
+}
