@@ -335,3 +335,42 @@ fn real_claude_burst_on_three_channels_loses_and_forks_nothing() {
 fn runs_of(env: &TestEnv, ch: usize) -> u64 {
     runs(env, &format!("chat{ch}"))
 }
+
+/// A script shaped like claude: with `--resume ID` it fails as claude does for an
+/// unknown session (noting the call in `$T/calls`), else it answers with `fresh-1`.
+fn fake_claude_that_knows_no_session() -> Vec<String> {
+    let script = r#"echo call >> "$T/calls"
+case " $* " in *" --resume "*) echo "No conversation found with session ID: $CHAN_RUN_SESSION_ID" >&2; exit 1;; esac
+printf '{"type":"result","is_error":false,"session_id":"fresh-1","result":"hi"}\n'"#;
+    vec!["sh".into(), "-c".into(), script.into(), "claude".into(), "-p".into(), "hi".into()]
+}
+
+#[test]
+fn a_stale_session_is_replaced_in_the_same_run() {
+    let env = TestEnv::new();
+    store_session(&env, "x", "gone");
+    let out =
+        env.run(&["-c", "x", "--profile", "claude"], &fake_claude_that_knows_no_session()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(env.read("calls"), "call\ncall\n");
+    assert_eq!(session(&env, "x").as_deref(), Some("fresh-1"));
+    assert_eq!(runs(&env, "x"), 2, "the retry counted as a run of its own");
+    let entry = &history(&env, "x")[0];
+    assert_eq!((&entry["session_before"], &entry["session_after"]), (&"gone".into(), &"fresh-1".into()));
+    let table = env.command().args(["history", "x"]).output().unwrap();
+    assert!(text(&table.stdout).contains("stale session gone replaced"), "{}", text(&table.stdout));
+
+    // -q: no line; `fail`: no second call, the kind named, the id kept.
+    store_session(&env, "y", "gone");
+    let opts = ["-c", "y", "--profile", "claude", "-q", "--on-stale-session", "fail"];
+    let out = env.run(&opts, &fake_claude_that_knows_no_session()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!text(&out.stderr).contains("chan-run"), "{}", text(&out.stderr));
+    assert_eq!(env.read("calls"), "call\ncall\ncall\n");
+    assert_eq!(
+        (last_run(&env, "y")["kind"].clone(), session(&env, "y")),
+        ("stale_session".into(), Some("gone".into()))
+    );
+    let table = env.command().args(["status", "y"]).output().unwrap();
+    assert!(text(&table.stdout).contains("stale_session"), "{}", text(&table.stdout));
+}

@@ -40,7 +40,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let command = with_session(&args, session.as_deref());
     let started_at = SystemTime::now();
     let env = command_env(store, &store_id, &channel, session.as_deref(), lease.fence());
-    let mut finished = execute(lease.as_mut(), &args, &command, env, started_at, control);
+    let mut finished = execute(lease.as_mut(), &args, args.timeout, &command, env, started_at, control);
     let mut reading = read(&args, &mut finished);
 
     // A session the model no longer knows: once more at once, without it, still holding
@@ -48,6 +48,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let mut session_note = None;
     if let (Some(stale), Some(Kind::StaleSession)) = (&session, reading.kind)
         && on_stale(&args) == OnStale::Fresh
+        && matches!(finished.ending, Ending::Ran { stop: None, .. })
     {
         if !args.quiet {
             ui::say(format_args!(
@@ -56,7 +57,12 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         }
         session_note = Some(format!("stale session {stale} replaced"));
         let env = command_env(store, &store_id, &channel, None, lease.fence());
-        finished = execute(lease.as_mut(), &args, &args.command, env, started_at, control);
+        // What is left of the time limit: the run still ends within SPEC's bound.
+        let timeout = match args.timeout.is_zero() {
+            true => Duration::ZERO,
+            false => args.timeout.saturating_sub(finished.duration).max(Duration::from_millis(1)),
+        };
+        finished = execute(lease.as_mut(), &args, timeout, &args.command, env, started_at, control);
         reading = read(&args, &mut finished);
     }
     let command = if session_note.is_some() { args.command.clone() } else { command };
@@ -202,6 +208,7 @@ fn session_to_pass(
 fn execute(
     lease: &mut dyn Lease,
     args: &RunArgs,
+    timeout: Duration,
     command: &[OsString],
     env: Vec<(&'static str, Option<OsString>)>,
     started_at: SystemTime,
@@ -212,7 +219,7 @@ fn execute(
         started_at,
         command,
         spawn_ticks: crate::procfs::now_ticks(),
-        ends_by: Some(args.timeout)
+        ends_by: Some(timeout)
             .filter(|t| !t.is_zero())
             .and_then(|t| Instant::now().checked_add(t + args.kill_after + RETURN_SLACK)),
     };
@@ -222,7 +229,7 @@ fn execute(
     let plan = Plan {
         command,
         env,
-        timeout: Some(args.timeout).filter(|t| !t.is_zero()),
+        timeout: Some(timeout).filter(|t| !t.is_zero()),
         kill_after: args.kill_after,
         pid_field: lease.pid_field(),
         lost_grace: lease.lost_grace(),
