@@ -134,9 +134,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     pub session_arg: Option<OsString>,
 
-    /// JSON pointer of the session id in the command's JSON output
-    #[arg(long, value_name = "PTR", default_value = "/session_id", value_parser = crate::session::parse_pointer)]
-    pub session_key: String,
+    /// JSON pointer of the session id in the command's JSON output [default: /session_id, or the profile's]
+    #[arg(long, value_name = "PTR", value_parser = crate::session::parse_pointer)]
+    pub session_key: Option<String>,
 
     /// Neither pass (no flag, no CHAN_RUN_SESSION_ID) nor record a session id
     #[arg(long, conflicts_with = "session_arg")]
@@ -149,6 +149,15 @@ pub struct RunArgs {
     /// No notes of chan-run's own on stderr (errors still print)
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// The model CLI's ways: how its session is passed and found, how its failures read
+    #[arg(long, env = "CHAN_RUN_PROFILE", value_name = "NAME")]
+    pub profile: Option<crate::profile::Profile>,
+
+    /// When the model no longer knows the stored session: run again at once without it,
+    /// or fail [default: fresh with --profile]
+    #[arg(long, value_name = "WHAT", requires = "profile")]
+    pub on_stale_session: Option<crate::profile::OnStale>,
 
     /// The command and its arguments
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]

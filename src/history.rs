@@ -2,7 +2,7 @@
 //! it ended, and the session id before and after. Where the lines live is the store's
 //! business; a line that does not parse (a crash mid-append) is skipped, never fatal.
 
-use crate::state::Outcome;
+use crate::state::{Kind, Outcome};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -20,6 +20,22 @@ pub struct Entry {
     /// Why the session id the command printed was not taken, if it was not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_refused: Option<String>,
+    /// The ending named more finely than `outcome` (see `state::Kind`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+    /// The model API's HTTP status, for an error result that gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_status: Option<u64>,
+    /// When a rate limit resets, if the model's CLI said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<String>,
+    /// What chan-run did to the channel's session on its own, if anything (a stale
+    /// session replaced, `--fresh-after` dropping it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_note: Option<String>,
+    /// The command, for a run whose chan-run died (its holder record named it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
 }
 
 /// The entries in `text` (one JSON object per line), newest first, at most `n`.

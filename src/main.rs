@@ -11,6 +11,7 @@ mod history;
 mod orphans;
 mod pool;
 mod procfs;
+mod profile;
 mod pump;
 mod session;
 mod state;

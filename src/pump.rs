@@ -26,28 +26,43 @@ const PIPE_BUF: usize = 4096;
 /// The pipe size asked for: fewer wake-ups per byte; the kernel may give less.
 const PIPE_SIZE: usize = 1024 * 1024;
 
-/// The last bytes of a stream, capped, and whether the whole stream fit.
+/// What chan-run keeps of the command's output, all capped: the last bytes of stdout
+/// (and whether the whole stream fit), its first bytes (where a streamed format names
+/// the session before anything can go wrong), and the last bytes of stderr (where a
+/// model CLI says why it failed).
 #[derive(Debug, Default)]
 pub struct Tail {
     cap: usize,
     bytes: std::collections::VecDeque<u8>,
     total: u64,
+    head: Vec<u8>,
+    stderr: std::collections::VecDeque<u8>,
 }
+
+/// The first bytes of stdout kept (with a tail kept at all).
+pub const HEAD_CAP: usize = 256 * 1024;
+/// The last bytes of stderr kept (with a tail kept at all).
+pub const STDERR_CAP: usize = 64 * 1024;
 
 impl Tail {
     pub fn new(cap: usize) -> Tail {
-        Tail { cap, bytes: Default::default(), total: 0 }
+        Tail { cap, ..Default::default() }
     }
 
-    fn push(&mut self, data: &[u8]) {
-        self.total += data.len() as u64;
-        if self.cap == 0 {
-            return;
+    /// Keeps what it should of `data`, read from the stream going to fd `dst` (1 or 2).
+    fn push_from(&mut self, dst: i32, data: &[u8]) {
+        if dst == 2 {
+            return keep_last(&mut self.stderr, STDERR_CAP.min(self.cap), data);
         }
-        let data = &data[data.len().saturating_sub(self.cap)..];
-        let excess = (self.bytes.len() + data.len()).saturating_sub(self.cap);
-        self.bytes.drain(..excess);
-        self.bytes.extend(data);
+        self.total += data.len() as u64;
+        let room = HEAD_CAP.min(self.cap).saturating_sub(self.head.len());
+        self.head.extend_from_slice(&data[..data.len().min(room)]);
+        keep_last(&mut self.bytes, self.cap, data);
+    }
+
+    #[cfg(test)]
+    fn push(&mut self, data: &[u8]) {
+        self.push_from(1, data);
     }
 
     /// The kept bytes, and whether they are the whole stream.
@@ -55,6 +70,26 @@ impl Tail {
         let whole = self.total == self.bytes.len() as u64;
         (self.bytes.make_contiguous(), whole)
     }
+
+    /// The first bytes of stdout.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The last bytes of stderr.
+    pub fn stderr(&mut self) -> &[u8] {
+        self.stderr.make_contiguous()
+    }
+}
+
+fn keep_last(kept: &mut std::collections::VecDeque<u8>, cap: usize, data: &[u8]) {
+    if cap == 0 {
+        return;
+    }
+    let data = &data[data.len().saturating_sub(cap)..];
+    let excess = (kept.len() + data.len()).saturating_sub(cap);
+    kept.drain(..excess);
+    kept.extend(data);
 }
 
 pub struct Pump {
@@ -150,7 +185,7 @@ impl Output {
                     "cannot start the output thread ({e}; see `ulimit -u`); copying on the main thread"
                 ));
                 let mut tail = Tail::new(streams.first().map_or(0, |s| s.tail_cap));
-                streams.iter().filter(|s| s.tail_cap > 0).for_each(|s| tail.push(&s.unwritten));
+                streams.iter().filter(|s| s.tail_cap > 0).for_each(|s| tail.push_from(s.dst, &s.unwritten));
                 self.streams = streams;
                 copy_some(&mut self.streams, &mut tail, ended);
                 self.inline = Some(tail);
@@ -207,7 +242,7 @@ fn copy_some(streams: &mut Vec<Stream>, tail: &mut Tail, ended: bool) {
                 Ok(0) => return false,
                 Ok(n) => {
                     if stream.tail_cap > 0 {
-                        tail.push(&buf);
+                        tail.push_from(stream.dst, &buf);
                     }
                     stream.budget = stream.budget.map(|left| left.saturating_sub(n));
                     stream.unwritten = buf;
@@ -278,7 +313,8 @@ impl Pump {
 struct Open {
     src: OwnedFd,
     dst: BorrowedFd<'static>,
-    keeps_tail: bool,
+    /// Keeps a part of what passes, as the output of this fd (1 or 2).
+    keeps: Option<i32>,
     /// After the exit notice: how much more to pass on (what the pipe could hold then).
     budget: Option<usize>,
 }
@@ -288,14 +324,14 @@ struct Open {
 /// only when none has anything.
 fn copy(streams: Vec<Stream>, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &OwnedFd) {
     let mut open = Vec::new();
-    for (i, s) in streams.into_iter().enumerate() {
+    for s in streams {
         let stream =
-            Open { src: s.src, dst: std_fd(s.dst), keeps_tail: i == 0 && s.tail_cap > 0, budget: None };
+            Open { src: s.src, dst: std_fd(s.dst), keeps: (s.tail_cap > 0).then_some(s.dst), budget: None };
         // What was read before this thread started goes first.
-        if stream.keeps_tail
+        if let Some(fd) = stream.keeps
             && let Ok(mut t) = tail.lock()
         {
-            t.push(&s.unwritten);
+            t.push_from(fd, &s.unwritten);
         }
         if write_all(stream.dst, &s.unwritten).is_ok() {
             open.push(stream);
@@ -315,10 +351,10 @@ fn copy(streams: Vec<Stream>, tail: &Mutex<Tail>, exited: &AtomicBool, notice: &
                 Ok(0) => false,
                 Ok(n) => {
                     idle = false;
-                    if stream.keeps_tail
+                    if let Some(fd) = stream.keeps
                         && let Ok(mut t) = tail.lock()
                     {
-                        t.push(&buf[..n]);
+                        t.push_from(fd, &buf[..n]);
                     }
                     // The reader is gone: dropping `src` closes the pipe (EPIPE for the command).
                     if write_all(stream.dst, &buf[..n]).is_err() {
@@ -391,5 +427,17 @@ mod tests {
         assert_eq!(t.contents(), (&b"cdefg"[..], false));
         t.push(b"0123456789");
         assert_eq!(t.contents(), (&b"56789"[..], false));
+        assert_eq!(t.head(), b"abcde", "the head is capped as the tail is");
+    }
+
+    #[test]
+    fn head_and_stderr_are_capped() {
+        let mut t = Tail::new(usize::MAX);
+        t.push(&vec![b'a'; HEAD_CAP + 10]);
+        t.push_from(2, &vec![b'e'; STDERR_CAP]);
+        t.push_from(2, b"last");
+        assert_eq!(t.head().len(), HEAD_CAP);
+        assert_eq!(t.stderr().len(), STDERR_CAP);
+        assert!(t.stderr().ends_with(b"elast"));
     }
 }

@@ -53,6 +53,10 @@ pub struct LastRun {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub outcome: Outcome,
+    /// The run's ending named more finely than `outcome` (a model CLI's failure, by
+    /// its profile); absent in records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -68,15 +72,73 @@ pub enum Outcome {
     SpawnFailed,
 }
 
-impl Outcome {
+impl LastRun {
+    /// The ending as the human views show it: its kind (else its outcome), with the
+    /// API's status when the model's CLI gave one (`overloaded 529`).
+    pub fn named(&self) -> String {
+        named(self.outcome, self.kind, self.extra.get("api_status").and_then(Value::as_u64))
+    }
+}
+
+/// An ending as the human views show it (`status`, `history`).
+pub fn named(outcome: Outcome, kind: Option<Kind>, api_status: Option<u64>) -> String {
+    let kind = kind.unwrap_or(Kind::from(outcome));
+    match api_status {
+        Some(status) => format!("{}({status})", kind.as_str()),
+        None => kind.as_str().to_owned(),
+    }
+}
+
+/// How a run ended, as `status` and `history` name it: `outcome`'s values, a model
+/// CLI's own failures as its profile reads them, and a run whose chan-run died.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Ok,
+    Failed,
+    TimedOut,
+    Signaled,
+    Interrupted,
+    SpawnFailed,
+    /// The model's API answered with an error (its status kept beside).
+    ModelError,
+    /// The API was overloaded (HTTP 529): retry later.
+    Overloaded,
+    /// A rate limit was hit (HTTP 429): retry after its reset.
+    RateLimited,
+    /// The model no longer knows the stored session.
+    StaleSession,
+    /// chan-run itself died (SIGKILL, OOM) while the command ran; found by the next holder.
+    Died,
+}
+
+impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::Failed => "failed",
-            Outcome::TimedOut => "timed_out",
-            Outcome::Signaled => "signaled",
-            Outcome::Interrupted => "interrupted",
-            Outcome::SpawnFailed => "spawn_failed",
+            Kind::Ok => "ok",
+            Kind::Failed => "failed",
+            Kind::TimedOut => "timed_out",
+            Kind::Signaled => "signaled",
+            Kind::Interrupted => "interrupted",
+            Kind::SpawnFailed => "spawn_failed",
+            Kind::ModelError => "model_error",
+            Kind::Overloaded => "overloaded",
+            Kind::RateLimited => "rate_limited",
+            Kind::StaleSession => "stale_session",
+            Kind::Died => "died",
+        }
+    }
+}
+
+impl From<Outcome> for Kind {
+    fn from(o: Outcome) -> Kind {
+        match o {
+            Outcome::Ok => Kind::Ok,
+            Outcome::Failed => Kind::Failed,
+            Outcome::TimedOut => Kind::TimedOut,
+            Outcome::Signaled => Kind::Signaled,
+            Outcome::Interrupted => Kind::Interrupted,
+            Outcome::SpawnFailed => Kind::SpawnFailed,
         }
     }
 }
@@ -129,6 +191,7 @@ mod tests {
                 exit_code: Some(0),
                 signal: None,
                 outcome,
+                kind: None,
                 extra: Map::new(),
             },
             new_session: id.map(str::to_owned),

@@ -63,7 +63,10 @@ fn a_terminated_holders_lease_is_waited_out_by_a_waiter_in_another_pid_namespace
     cmd.args(["run", "-c", "o", "--"]).args(sh(r#"date +%s.%N > "$T/w.tmp"; mv "$T/w.tmp" "$T/w""#));
     let waiter = Running::start(cmd);
     wait_until("the waiter to queue", || {
-        pg::psql(&store, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == "1"
+        pg::psql(
+            &store,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = 'chan_run_channel'::regclass",
+        ) == "1"
     });
     let terminated = now();
     pg::psql(&store, &format!("SELECT pg_terminate_backend(backend) FROM {LEASE} WHERE channel = 'o'"));
@@ -326,7 +329,7 @@ fn a_waiter_whose_wait_is_cancelled_or_whose_backend_is_terminated_queues_again(
     let holder = env.hold("c", "held", "go");
     let cancelled = enqueue(&env, "c", 0, None);
     let terminated = enqueue(&env, "c", 1, None);
-    let waiting = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted ORDER BY waitstart";
+    let waiting = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = 'chan_run_channel'::regclass ORDER BY waitstart";
     let backends: Vec<String> = pg::psql(&store, waiting).lines().map(str::to_owned).collect();
     assert_eq!(backends.len(), 2);
     pg::psql(&store, &format!("SELECT pg_cancel_backend({})", backends[0]));

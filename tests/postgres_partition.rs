@@ -191,7 +191,9 @@ fn a_holder_cut_off_by_the_network_stops_its_command_before_the_server_hands_the
                echo "$CHAN_RUN_FENCE"; } > "$T/next.tmp"; mv "$T/next.tmp" "$T/next""#),
     );
     wait_until("the next caller to queue", || {
-        sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == "1"
+        sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = 'chan_run_channel'::regclass",
+        ) == "1"
     });
 
     // Anywhere between two beats.

@@ -23,11 +23,15 @@ pub fn history(store: Option<&dyn Store>, args: HistoryArgs) -> anyhow::Result<E
         let rows: Vec<[String; 5]> = entries
             .iter()
             .map(|e| {
-                let ended = match (e.exit_code, e.signal) {
-                    (_, Some(sig)) => format!("{} sig{sig}", e.outcome.as_str()),
-                    (Some(code), None) => format!("{} {code}", e.outcome.as_str()),
-                    (None, None) => e.outcome.as_str().to_owned(),
+                let named = crate::state::named(e.outcome, e.kind, e.api_status);
+                let mut ended = match (e.exit_code, e.signal) {
+                    (_, Some(sig)) => format!("{named} sig{sig}"),
+                    (Some(code), None) => format!("{named} {code}"),
+                    (None, None) => named,
                 };
+                if let Some(note) = &e.session_note {
+                    ended.push_str(&format!(" [{note}]"));
+                }
                 let session = match (&e.session_before, &e.session_after) {
                     (before, after) if before == after => short_id(after),
                     (before, after) => format!("{} -> {}", short_id(before), short_id(after)),

@@ -5,6 +5,7 @@ use crate::channel::Channel;
 use crate::exit_code::ExitCode;
 use crate::history::Entry;
 use crate::state::{ChannelRecord, LastRun, Outcome as Kind};
+use crate::store::DeadRun;
 use crate::supervise::{Ending, Finished, Stop};
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -50,13 +51,19 @@ impl Outcome {
             exit_code,
             signal,
             outcome: kind,
+            kind: None,
             extra: Default::default(),
         };
         Outcome { code, last_run: Some(last_run), message }
     }
 
     /// The history entry of this run, from the record as the run left it.
-    pub fn entry(last_run: &LastRun, session_before: Option<String>, after: &ChannelRecord) -> Entry {
+    pub fn entry(
+        last_run: &LastRun,
+        session_before: Option<String>,
+        after: &ChannelRecord,
+        session_note: Option<String>,
+    ) -> Entry {
         Entry {
             started_at: last_run.started_at.clone(),
             finished_at: last_run.finished_at.clone(),
@@ -72,7 +79,39 @@ impl Outcome {
                 .get("session_refused")
                 .and_then(|v| v.as_str())
                 .map(str::to_owned),
+            kind: last_run.kind,
+            api_status: last_run.extra.get("api_status").and_then(|v| v.as_u64()),
+            resets_at: last_run.extra.get("resets_at").and_then(|v| v.as_str()).map(str::to_owned),
+            session_note,
+            command: None,
         }
+    }
+}
+
+/// The history entry of a run whose chan-run died holding the channel: it ended some
+/// time before it was found, unknown how.
+pub fn died_entry(dead: &DeadRun, record: &ChannelRecord) -> Entry {
+    let now = SystemTime::now();
+    let duration_ms = humantime::parse_rfc3339(&dead.started_at)
+        .ok()
+        .and_then(|t| now.duration_since(t).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    Entry {
+        started_at: dead.started_at.clone(),
+        finished_at: rfc3339(now),
+        duration_ms,
+        outcome: Kind::Interrupted,
+        exit_code: None,
+        signal: None,
+        session_before: record.session_id.clone(),
+        session_after: record.session_id.clone(),
+        pid: dead.pid,
+        session_refused: None,
+        kind: Some(crate::state::Kind::Died),
+        api_status: None,
+        resets_at: None,
+        session_note: None,
+        command: Some(dead.command.clone()),
     }
 }
 

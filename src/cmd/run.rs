@@ -6,10 +6,11 @@ use crate::channel::Channel;
 use crate::cli::RunArgs;
 use crate::control::Control;
 use crate::exit_code::ExitCode;
+use crate::profile::{OnStale, Reading};
 use crate::session;
-use crate::state::{ChannelRecord, LastRun, RunResult};
+use crate::state::{ChannelRecord, Kind, LastRun, RunResult};
 use crate::store::{Holder, Lease, RecordError, Store};
-use crate::supervise::{self, Finished, Plan};
+use crate::supervise::{self, Ending, Finished, Plan};
 use crate::ui;
 use std::ffi::OsString;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,6 +20,7 @@ const RETURN_SLACK: Duration = Duration::from_secs(1);
 
 pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
+    check_profile(&args)?;
     let store_id = store.id();
     super::held::refuse_self_deadlock(&store_id, &channel)?;
     let mut pools = crate::pool::in_taking_order(args.pools.clone()).map_err(anyhow::Error::msg)?;
@@ -42,13 +44,39 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
             return Err(anyhow::Error::new(e).context(format!("cannot read channel {channel}'s record")));
         }
     };
+    record_dead_run(lease.as_mut(), &channel, &record, args.quiet);
     let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
     let session = session_to_pass(&channel, &record, &args, cwd.as_deref());
-    let command = with_session(&args.command, args.session_arg.as_ref(), session.as_deref());
+    let command = with_session(&args, session.as_deref());
     let started_at = SystemTime::now();
     let env = command_env(store, &store_id, &channel, &held_pools, session.as_deref(), lease.fence());
-    let mut finished = execute(lease.as_mut(), &args, &command, env, started_at, control);
+    let mut finished = execute(lease.as_mut(), &args, args.timeout, &command, env, started_at, control);
+    let mut reading = read(&args, &mut finished);
+
+    // A session the model no longer knows: once more at once, without it, still holding
+    // the channel.
+    let mut session_note = None;
+    if let (Some(stale), Some(Kind::StaleSession)) = (&session, reading.kind)
+        && on_stale(&args) == OnStale::Fresh
+        && matches!(finished.ending, Ending::Ran { stop: None, .. })
+    {
+        if !args.quiet {
+            ui::say(format_args!(
+                "channel {channel}: the model no longer knows session {stale}; running again with a fresh session"
+            ));
+        }
+        session_note = Some(format!("stale session {stale} replaced"));
+        let env = command_env(store, &store_id, &channel, &held_pools, None, lease.fence());
+        // What is left of the time limit: the run still ends within SPEC's bound.
+        let timeout = match args.timeout.is_zero() {
+            true => Duration::ZERO,
+            false => args.timeout.saturating_sub(finished.duration).max(Duration::from_millis(1)),
+        };
+        finished = execute(lease.as_mut(), &args, timeout, &args.command, env, started_at, control);
+        reading = read(&args, &mut finished);
+    }
     lease.free_seats();
+    let command = if session_note.is_some() { args.command.clone() } else { command };
 
     let outcome = Outcome::of(&finished, &channel, &command[0], args.timeout, started_at);
     if let Some((message, quiet_silences)) = &outcome.message
@@ -60,11 +88,33 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         release(lease);
         return Ok(outcome.code);
     };
+    name_the_ending(&mut last_run, reading, &args, &channel, session.as_deref());
     let new_session = session_from_output(&mut finished, &args, &channel, &command[0], &mut last_run);
     let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
+    let stale_replaced = session_note.is_some();
+    let mut change = |r: &mut ChannelRecord| {
+        if stale_replaced {
+            r.forget_session();
+        }
+        r.apply(result.clone());
+    };
+    // Dropped by --fresh-after: the record as this run will leave it says.
+    let mut after = record.clone();
+    change(&mut after);
+    if !stale_replaced && record.session_id.is_some() && after.session_id.is_none() {
+        if !args.quiet {
+            ui::say(format_args!(
+                "channel {channel}: dropped its session after {} failures in a row (--fresh-after); its next run starts a fresh conversation",
+                after.failures_in_a_row
+            ));
+        }
+        session_note = Some(format!("session dropped by --fresh-after {}", args.fresh_after.unwrap_or(0)));
+    }
     // Recorded before the lock is released.
-    let mut entry = |after: &ChannelRecord| Outcome::entry(&last_run, record.session_id.clone(), after);
-    let (recorded, logged) = lease.record_run(&mut |r| r.apply(result.clone()), &mut entry);
+    let mut entry = |after: &ChannelRecord| {
+        Outcome::entry(&last_run, record.session_id.clone(), after, session_note.clone())
+    };
+    let (recorded, logged) = lease.record_run(&mut change, &mut entry);
     if let Err(e) = logged {
         ui::warn(format!("the run was not added to the channel's history ({e:#})"));
     }
@@ -76,6 +126,40 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     };
     release(lease);
     Ok(code)
+}
+
+/// Writes the history entry of the previous run if its chan-run died holding the
+/// channel (the lease found its holder record), unless that run was recorded already
+/// (killed between its record and its release), and says so.
+fn record_dead_run(lease: &mut dyn Lease, channel: &Channel, record: &ChannelRecord, quiet: bool) {
+    let Some(dead) = lease.died() else { return };
+    if record.last_run.as_ref().is_some_and(|r| r.started_at == dead.started_at) {
+        return;
+    }
+    let entry = outcome::died_entry(&dead, record);
+    if !quiet {
+        ui::say(format_args!(
+            "channel {channel}: the run of pid {} started {} ({}) ended with its chan-run, which died; recorded in its history as died",
+            dead.pid,
+            dead.started_at,
+            dead.command.first().map_or("?", String::as_str),
+        ));
+    }
+    if let Err(e) = lease.append_history(&entry) {
+        ui::warn(format!("the dead run was not added to the channel's history ({e:#})"));
+    }
+}
+
+/// A profile that cannot pass a session to this command is refused before anything runs.
+fn check_profile(args: &RunArgs) -> anyhow::Result<()> {
+    if let (Some(profile), None, false) = (args.profile, &args.session_arg, args.no_session)
+        && profile.with_session(&args.command, "id").is_none()
+    {
+        anyhow::bail!(
+            "--profile codex passes a session as `codex exec resume ID`, but the command has no `exec` argument; run `codex exec ...`, or pass --session-arg"
+        );
+    }
+    Ok(())
 }
 
 /// Says why the run's record was not written; returns the exit code that replaces the
@@ -135,6 +219,7 @@ fn session_to_pass(
 fn execute(
     lease: &mut dyn Lease,
     args: &RunArgs,
+    timeout: Duration,
     command: &[OsString],
     env: Vec<(&'static str, Option<OsString>)>,
     started_at: SystemTime,
@@ -145,7 +230,7 @@ fn execute(
         started_at,
         command,
         spawn_ticks: crate::procfs::now_ticks(),
-        ends_by: Some(args.timeout)
+        ends_by: Some(timeout)
             .filter(|t| !t.is_zero())
             .and_then(|t| Instant::now().checked_add(t + args.kill_after + RETURN_SLACK)),
     };
@@ -155,13 +240,57 @@ fn execute(
     let plan = Plan {
         command,
         env,
-        timeout: Some(args.timeout).filter(|t| !t.is_zero()),
+        timeout: Some(timeout).filter(|t| !t.is_zero()),
         kill_after: args.kill_after,
         pid_field: lease.pid_field(),
         lost_grace: lease.lost_grace(),
         tail_cap: if args.no_session { 0 } else { supervise::TAIL_CAP },
     };
     supervise::run(plan, control, &mut |pid| lease.command_started(pid, crate::procfs::now_ticks()))
+}
+
+/// What the profile reads in the run's output, if the run has a profile.
+fn read(args: &RunArgs, finished: &mut Finished) -> Reading {
+    let (Some(profile), false) = (args.profile, args.no_session) else { return Reading::default() };
+    let failed = !matches!(&finished.ending, Ending::Ran { status: Some(s), .. } if s.success());
+    let stderr = finished.stdout.stderr().to_vec();
+    let (tail, whole) = finished.stdout.contents();
+    profile.read(tail, whole, &stderr, failed)
+}
+
+fn on_stale(args: &RunArgs) -> OnStale {
+    match (args.on_stale_session, args.profile) {
+        (Some(what), _) => what,
+        (None, Some(_)) => OnStale::Fresh,
+        (None, None) => OnStale::Fail,
+    }
+}
+
+/// Names the run's ending in `last_run`: the profile's reading refines an ending that
+/// chan-run did not bring about itself (a run that exited, ok or not).
+fn name_the_ending(
+    last_run: &mut LastRun,
+    reading: Reading,
+    args: &RunArgs,
+    channel: &Channel,
+    session: Option<&str>,
+) {
+    let kind = match (last_run.outcome, reading.kind) {
+        (crate::state::Outcome::Ok | crate::state::Outcome::Failed, Some(kind)) => kind,
+        (outcome, _) => Kind::from(outcome),
+    };
+    last_run.kind = Some(kind);
+    if let Some(status) = reading.api_status {
+        last_run.extra.insert("api_status".into(), status.into());
+    }
+    if let Some(at) = reading.resets_at {
+        last_run.extra.insert("resets_at".into(), at.into());
+    }
+    if let (Kind::StaleSession, Some(id), false) = (kind, session, args.quiet) {
+        ui::say(format_args!(
+            "channel {channel}: the model no longer knows session {id} (--on-stale-session fail); `chan-run reset` starts a fresh one"
+        ));
+    }
 }
 
 /// The session id the command's output names, if it is one to keep; a refused one is
@@ -176,8 +305,13 @@ fn session_from_output(
     if args.no_session {
         return None;
     }
+    let head = finished.stdout.head().to_vec();
     let (tail, whole) = finished.stdout.contents();
-    match session::find(tail, whole, &args.session_key) {
+    let found = match (args.profile, &args.session_key) {
+        (Some(profile), None) => profile.find_session(&head, tail, whole),
+        (_, key) => session::find(tail, whole, key.as_deref().unwrap_or(DEFAULT_SESSION_KEY)),
+    };
+    match found {
         session::Found::Id(id) => Some(id),
         session::Found::Nothing => None,
         session::Found::Refused(why) => {
@@ -191,20 +325,30 @@ fn session_from_output(
     }
 }
 
-/// The command with the session appended: `FLAG ID`, or `FLAGID` as one argument when
-/// the flag ends in `=` (`--session-arg=--resume=`), for a CLI whose flag value is
-/// optional.
-fn with_session(command: &[OsString], flag: Option<&OsString>, id: Option<&str>) -> Vec<OsString> {
-    let mut command = command.to_vec();
-    if let (Some(flag), Some(id)) = (flag, id) {
-        match flag.to_string_lossy().ends_with('=') {
+/// `--session-key` without a profile.
+const DEFAULT_SESSION_KEY: &str = "/session_id";
+
+/// The command with the session passed: with `--session-arg FLAG`, `FLAG ID` appended,
+/// or `FLAGID` as one argument when the flag ends in `=` (`--session-arg=--resume=`),
+/// for a CLI whose flag value is optional; else as the profile passes it.
+fn with_session(args: &RunArgs, id: Option<&str>) -> Vec<OsString> {
+    let mut command = args.command.clone();
+    let Some(id) = id else { return command };
+    match (&args.session_arg, args.profile) {
+        (Some(flag), _) => match flag.to_string_lossy().ends_with('=') {
             true => {
                 let mut joined = flag.clone();
                 joined.push(id);
                 command.push(joined);
             }
             false => command.extend([flag.clone(), OsString::from(id)]),
+        },
+        (None, Some(profile)) => {
+            if let Some(with) = profile.with_session(&command, id) {
+                command = with;
+            }
         }
+        (None, None) => {}
     }
     command
 }

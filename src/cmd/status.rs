@@ -175,7 +175,7 @@ fn row(c: &ChannelStatus, waiting: Option<&str>, now: SystemTime) -> [String; 8]
                 s => format!(" {} ago", crate::duration::short(Duration::from_secs(s))),
             })
             .unwrap_or_default();
-        format!("{}{code}{streak}{ago}", r.outcome.as_str())
+        format!("{}{code}{streak}{ago}", r.named())
     });
     let dash = || "-".to_owned();
     [
@@ -210,6 +210,7 @@ mod tests {
                 exit_code: None,
                 signal: Some(15),
                 outcome: Outcome::TimedOut,
+                kind: None,
                 extra: Default::default(),
             }),
             ..Default::default()

@@ -262,6 +262,26 @@ pub trait Lease {
     ) -> (Result<(), RecordError>, anyhow::Result<()>);
     /// The clean end: the command is gone; clears the holder record and unlocks.
     fn release(self: Box<Self>) -> anyhow::Result<()>;
+    /// The run before this lease, if its chan-run died holding the channel (SIGKILL,
+    /// OOM: its holder record was left behind), as that record named it.
+    fn died(&mut self) -> Option<DeadRun> {
+        None
+    }
+    /// Adds `entry`, a run that is not this lease's own, to the channel's history.
+    fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
+        let _ = entry;
+        Ok(())
+    }
+}
+
+/// A run whose chan-run died holding the channel, as its holder record named it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadRun {
+    pub pid: u32,
+    /// RFC 3339, as the run's `last_run.started_at` would have said.
+    pub started_at: String,
+    pub command_pid: Option<u32>,
+    pub command: Vec<String>,
 }
 
 /// Where `--store` / `--state-dir` point.

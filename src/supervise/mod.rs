@@ -101,7 +101,7 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     let exited = Arc::new(AtomicBool::new(false));
     let streams = [
         child.stdout.take().map(|s| Stream::new(s.into(), 1, plan.tail_cap)),
-        child.stderr.take().map(|s| Stream::new(s.into(), 2, 0)),
+        child.stderr.take().map(|s| Stream::new(s.into(), 2, plan.tail_cap)),
     ];
     let streams = streams.into_iter().flatten().collect();
     let mut output = Output::new(streams, Arc::clone(&exited), Arc::new(notice_rx));

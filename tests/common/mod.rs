@@ -42,7 +42,7 @@ pub fn sh(script: &str) -> Vec<String> {
 }
 
 /// Environment variables of chan-run's that must not leak in from the caller.
-const CHAN_RUN_VARS: [&str; 8] = [
+const CHAN_RUN_VARS: [&str; 9] = [
     "CHAN_RUN_CHANNEL",
     "CHAN_RUN_HELD",
     "CHAN_RUN_POOL",
@@ -51,6 +51,7 @@ const CHAN_RUN_VARS: [&str; 8] = [
     "CHAN_RUN_STORE",
     "CHAN_RUN_SESSION_ID",
     "CHAN_RUN_QUIET",
+    "CHAN_RUN_PROFILE",
 ];
 
 pub struct TestEnv {

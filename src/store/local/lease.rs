@@ -6,7 +6,7 @@ use super::lock::{self, Fields};
 use super::state::Hint;
 use crate::control::Control;
 use crate::state::ChannelRecord;
-use crate::store::{Holder, Lease, RecordError};
+use crate::store::{DeadRun, Holder, Lease, RecordError};
 use anyhow::Context;
 use std::fs::File;
 use std::os::fd::RawFd;
@@ -24,6 +24,8 @@ pub struct LocalLease {
     control: &'static Control,
     /// Seats held in pools, freed with the lease.
     seats: Vec<super::pool::SeatHold>,
+    /// The previous holder's record, left behind by a chan-run that died.
+    died: Option<lock::HolderRecord>,
 }
 
 impl LocalLease {
@@ -49,6 +51,7 @@ impl LocalLease {
             hint_written: contents.hint,
             control,
             seats: Vec::new(),
+            died: contents.record,
         })
     }
 }
@@ -113,6 +116,19 @@ impl Lease for LocalLease {
             after = r.clone();
         });
         (recorded, self.files.append_history(&entry(&after)))
+    }
+
+    fn died(&mut self) -> Option<DeadRun> {
+        self.died.take().map(|r| DeadRun {
+            pid: r.pid,
+            started_at: r.started_at,
+            command_pid: r.command_pid,
+            command: r.command,
+        })
+    }
+
+    fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
+        self.files.append_history(entry)
     }
 
     fn release(mut self: Box<Self>) -> anyhow::Result<()> {
