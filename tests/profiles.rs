@@ -296,6 +296,24 @@ fn a_run_whose_chan_run_died_is_in_history_as_died() {
 }
 
 #[test]
+fn a_reset_after_a_dead_run_records_it_too() {
+    let env = TestEnv::new();
+    store_session(&env, "x", "s1");
+    let mut victim = env.hold("x", "holding", "never");
+    let dead_pid = victim.pid();
+    victim.signal(rustix::process::Signal::KILL);
+    let _ = victim.child().wait();
+    let out = env.command().args(["reset", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&format!("the run of pid {dead_pid} ")), "{}", text(&out.stderr));
+    let entries = history(&env, "x");
+    assert_eq!((&entries[0]["kind"], &entries[0]["pid"]), (&"died".into(), &dead_pid.into()), "{entries:?}");
+    // Recorded once: the next run finds a clean record.
+    let out = env.run(&["-c", "x"], &prints("next")).output().unwrap();
+    assert!(!text(&out.stderr).contains("died"), "{}", text(&out.stderr));
+}
+
+#[test]
 fn real_claude_burst_on_three_channels_loses_and_forks_nothing() {
     let Some(claude) = real_claude() else { return };
     let env = TestEnv::new();

@@ -15,6 +15,7 @@ use crate::cli::WaitArgs;
 use crate::control::Control;
 use crate::exit_code::ExitCode;
 use crate::pool::Pool;
+use crate::state::ChannelRecord;
 use crate::store::{AcquireError, Lease, SeatNote, Store, Wait, WaitNote};
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -98,4 +99,26 @@ fn waiting_line(channel: &Channel, note: &WaitNote) -> String {
         _ => "held".to_owned(),
     };
     format!("waiting for channel {channel} ({holder}; {} ahead)", note.ahead)
+}
+
+/// Writes the history entry of the previous run if its chan-run died holding the
+/// channel (the lease found its holder record), unless that run was recorded already
+/// (killed between its record and its release), and says so.
+pub fn record_dead_run(lease: &mut dyn Lease, channel: &Channel, record: &ChannelRecord, quiet: bool) {
+    let Some(dead) = lease.died() else { return };
+    if record.last_run.as_ref().is_some_and(|r| r.started_at == dead.started_at) {
+        return;
+    }
+    let entry = outcome::died_entry(&dead, record);
+    if !quiet {
+        crate::ui::say(format_args!(
+            "channel {channel}: the run of pid {} started {} ({}) ended with its chan-run, which died; recorded in its history as died",
+            dead.pid,
+            dead.started_at,
+            dead.command.first().map_or("?", String::as_str),
+        ));
+    }
+    if let Err(e) = lease.append_history(&entry) {
+        crate::ui::warn(format!("the dead run was not added to the channel's history ({e:#})"));
+    }
 }

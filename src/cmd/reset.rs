@@ -17,6 +17,13 @@ pub fn reset(store: &dyn Store, args: ResetArgs, control: &'static Control) -> a
             Ok(lease) => lease,
             Err(code) => return Ok(code),
         };
+    // A run whose chan-run died holding the channel goes into its history first, as the
+    // next run would have written it.
+    match lease.record() {
+        Ok(record) => super::record_dead_run(lease.as_mut(), &channel, &record, false),
+        Err(crate::store::RecordError::Interrupted(sig)) => return Ok(ExitCode::Signal(sig)),
+        Err(e) => return Err(e.into()),
+    }
     let command = [OsString::from("chan-run"), OsString::from("reset")];
     let holder = Holder {
         pid: std::process::id(),

@@ -44,7 +44,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
             return Err(anyhow::Error::new(e).context(format!("cannot read channel {channel}'s record")));
         }
     };
-    record_dead_run(lease.as_mut(), &channel, &record, args.quiet);
+    super::record_dead_run(lease.as_mut(), &channel, &record, args.quiet);
     let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
     let session = session_to_pass(&channel, &record, &args, cwd.as_deref());
     let command = with_session(&args, session.as_deref());
@@ -126,28 +126,6 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     };
     release(lease);
     Ok(code)
-}
-
-/// Writes the history entry of the previous run if its chan-run died holding the
-/// channel (the lease found its holder record), unless that run was recorded already
-/// (killed between its record and its release), and says so.
-fn record_dead_run(lease: &mut dyn Lease, channel: &Channel, record: &ChannelRecord, quiet: bool) {
-    let Some(dead) = lease.died() else { return };
-    if record.last_run.as_ref().is_some_and(|r| r.started_at == dead.started_at) {
-        return;
-    }
-    let entry = outcome::died_entry(&dead, record);
-    if !quiet {
-        ui::say(format_args!(
-            "channel {channel}: the run of pid {} started {} ({}) ended with its chan-run, which died; recorded in its history as died",
-            dead.pid,
-            dead.started_at,
-            dead.command.first().map_or("?", String::as_str),
-        ));
-    }
-    if let Err(e) = lease.append_history(&entry) {
-        ui::warn(format!("the dead run was not added to the channel's history ({e:#})"));
-    }
 }
 
 /// A profile that cannot pass a session to this command is refused before anything runs.
