@@ -21,6 +21,7 @@ mod postgres_attack;
 mod postgres_outage;
 mod postgres_partition;
 mod postgres_pooler;
+mod postgres_pools;
 mod sessions;
 mod signals;
 mod state;
