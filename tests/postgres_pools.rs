@@ -111,7 +111,9 @@ fn twelve_channels_by_five_runs_never_run_more_than_three_at_once_in_channel_ord
 fn callers_queued_on_a_full_pool_start_in_arrival_order_and_status_shows_them() {
     let Some(env) = setup() else { return };
     // 24 callers rather than the issue's 64: each waits on two connections on a shared
-    // two-core machine; the order does not depend on the count.
+    // two-core machine; the order does not depend on the count. The callers name 1 seat,
+    // so they take seat 1 one after another and their commands' start order is their
+    // grant order (two seats granted a moment apart may start either way round).
     const CALLERS: usize = 24;
     let holders: Vec<Running> = (0..2)
         .map(|h| {
@@ -126,8 +128,8 @@ fn callers_queued_on_a_full_pool_start_in_arrival_order_and_status_shows_them() 
                 &env,
                 "p",
                 &format!("w{i}"),
-                &["--pool", "p:2"],
-                &in_a_slot(2, &i.to_string(), 0.0),
+                &["--pool", "p:1"],
+                &in_a_slot(1, &i.to_string(), 0.0),
             )
         })
         .collect();
@@ -158,7 +160,7 @@ fn callers_queued_on_a_full_pool_start_in_arrival_order_and_status_shows_them() 
     for run in holders.into_iter().chain(callers) {
         run.finish(PATIENCE).assert_code(0);
     }
-    assert!(!env.exists("over"), "more than 2 commands ran at once");
+    assert!(!env.exists("over"), "two callers held seat 1 at once");
     assert_eq!(env.order(), (0..CALLERS).collect::<Vec<_>>());
 }
 
@@ -296,4 +298,36 @@ fn gc_removes_an_idle_pool_and_keeps_one_in_use() {
     holder.finish(PATIENCE).assert_code(0);
     // The pool comes back on its next use.
     env.run(&["-c", "a", "--pool", "idle:2"], &["true"]).assert().code(0);
+}
+
+#[test]
+fn a_head_that_named_fewer_seats_holds_back_later_callers_strict_fifo() {
+    let Some(env) = setup() else { return };
+    let holder = env.spawn(&["-c", "h", "--pool", "p:1"], &sh("started held; gate go"));
+    env.wait_for_file("held");
+    // Seats 2 and 3 are free, but the head of the queue may take only seat 1.
+    let small =
+        queue_for_seat(&env, "p", "small", &["--pool", "p:1"], &sh(r#"echo small >> "$T/order"; gate done"#));
+    // It starts only after the holder of seat 1 was let go (and the head took seat 1).
+    let large = queue_for_seat(
+        &env,
+        "p",
+        "large",
+        &["--pool", "p:3"],
+        &sh(r#"[ -e "$T/go" ] || echo early >> "$T/over"; echo large >> "$T/order""#),
+    );
+    let out = env.run(&["-c", "other", "-n", "--pool", "p:3"], &["true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "-n with callers queued ahead is busy");
+    let p = pool(&status_json(&env), "p");
+    assert_eq!(pids(&p["queue"]), [small.pid(), large.pid()], "{p:#}");
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    // Once the head has its seat, the next takes seat 2 while the head still holds 1.
+    large.finish(PATIENCE).assert_code(0);
+    env.open_gate("done");
+    small.finish(PATIENCE).assert_code(0);
+    assert!(!env.exists("over"), "the caller behind the head started while only seats 2 and 3 were free");
+    let mut lines = order_lines(&env);
+    lines.sort();
+    assert_eq!(lines, ["large", "small"]);
 }

@@ -190,7 +190,7 @@ impl Lease for PgLease {
             bail!("{}", LockLost(why));
         }
         let (id, fence, ended, seats) = (self.id, self.fence, self.ended, std::mem::take(&mut self.seats));
-        let (clear_seats, unlock_seats) = super::PgStore::release_seats_sql(&self.conn);
+        let release_seats = super::PgStore::release_seats_sql(&self.conn);
         let (end, unlock) = (
             self.conn.sql("DELETE FROM {s}.chan_run_lease WHERE channel_id = $1 AND fence = $2"),
             self.conn
@@ -203,10 +203,10 @@ impl Lease for PgLease {
                 if !ended {
                     client.query_typed(&end, &[(&id, Type::INT4), (&fence, Type::INT8)])?;
                 }
-                // Step 6 of pool.rs: the rows cleared and committed before the unlock.
+                // Step 6 of pool.rs, after the lease's end committed.
                 if !seats.is_empty() {
-                    client.query_typed(&clear_seats, &[(&seats, Type::INT4_ARRAY), (&fence, Type::INT8)])?;
-                    client.query_typed(&unlock_seats, &[(&seats, Type::INT4_ARRAY)])?;
+                    client
+                        .query_typed(&release_seats, &[(&seats, Type::INT4_ARRAY), (&fence, Type::INT8)])?;
                 }
                 let row = client.query_typed_one(&unlock, &[(&id, Type::INT4)])?;
                 Ok((row.get::<_, bool>(0), row.get::<_, i32>(1)))

@@ -37,10 +37,10 @@
 //!    the server loses its seat with its session, and its command is stopped by its
 //!    heartbeat's alarm within the bound its lease row promises (heartbeat.rs): so two
 //!    commands never hold one seat, fences included.
-//! 6. Release (lease.rs): the seat rows are cleared under this run's fence and
-//!    committed, then the seats unlocked and the pool's channel notified, then the
-//!    channel unlocked. *Death between*: the locks go with L; a row left naming this
-//!    run's fence makes the next holder check that lease (step 5).
+//! 6. Release (lease.rs), once the lease row's end has committed: one statement clears
+//!    the seat rows under this run's fence, unlocks the seats and notifies the pools'
+//!    channels; then the channel is unlocked. *Death before*: the locks go with L; a
+//!    row left naming this run's fence makes the next holder check that lease (step 5).
 //!
 //! `status` reads holders from `pg_locks` and the seat rows, waiters from the gate's
 //! lock queue (their channel: the channel lock held by the same chan-run); `gc` removes
@@ -388,21 +388,20 @@ impl PgStore {
         }
     }
 
-    /// Clears this run's seat rows (under its fence), then unlocks them and notifies
-    /// their pools' waiters (step 6): on the lease's connection thread.
-    pub(super) fn release_seats_sql(conn: &Conn) -> (String, String) {
-        (
-            conn.sql(
-                "UPDATE {s}.chan_run_seat SET fence = NULL, channel = NULL, host = NULL, pid = NULL, backend = NULL, \
-                 released = pg_catalog.now() WHERE id = ANY($1) AND fence = $2",
-            ),
-            conn.sql(&format!(
-                "SELECT pg_catalog.pg_advisory_unlock({}, s.id), pg_catalog.pg_notify('chan_run_pool_' || \
-                 ('{{s_lit}}.chan_run_pool'::regclass::oid)::text || '_' || s.pool_id::text, '') \
-                 FROM {{s}}.chan_run_seat s WHERE s.id = ANY($1)",
-                seat_ns()
-            )),
-        )
+    /// Step 6's statement (on the lease's connection, after the lease row's end has
+    /// committed): clears this run's seat rows under its fence, unlocks the seats and
+    /// notifies their pools' heads. A head that takes a seat before this commits finds
+    /// the row naming a lease that has ended: nothing to wait out.
+    pub(super) fn release_seats_sql(conn: &Conn) -> String {
+        conn.sql(&format!(
+            "WITH cleared AS (UPDATE {{s}}.chan_run_seat SET fence = NULL, channel = NULL, host = NULL, pid = NULL, \
+               backend = NULL, released = pg_catalog.now() WHERE id = ANY($1) AND fence = $2 RETURNING id) \
+             SELECT pg_catalog.pg_advisory_unlock({}, s.id), pg_catalog.pg_notify('chan_run_pool_' || \
+               ('{{s_lit}}.chan_run_pool'::regclass::oid)::text || '_' || s.pool_id::text, ''), \
+               (SELECT pg_catalog.count(*) FROM cleared) \
+             FROM {{s}}.chan_run_seat s WHERE s.id = ANY($1)",
+            seat_ns()
+        ))
     }
 
     /// `Store::pools`: every pool (or the named ones), its holders and its queue.
