@@ -22,6 +22,7 @@ mod postgres_attack;
 mod postgres_outage;
 mod postgres_partition;
 mod postgres_pooler;
+mod postgres_pools;
 mod profiles;
 mod sessions;
 mod signals;

@@ -108,7 +108,7 @@ impl PgStore {
             return self.not_granted(conn, id, wait).map(|()| None);
         };
         conn.check_backend(row.get(7))?;
-        let previous = previous_from(&row);
+        let previous = previous_from(&row, 8);
         let waits = previous.as_ref().is_some_and(|p| p.left > 0.0);
         Ok(Some(Granted {
             fence: row.get(0),
@@ -150,6 +150,14 @@ impl PgStore {
         previous: &Previous,
         wait: &Waiting,
     ) -> Result<Instant, Fault> {
+        self.wait_out(previous, "the channel's", wait)?;
+        self.write_lease(conn, id, fence, wait)
+    }
+
+    /// Waits until `previous` (the last holder of what `whose` names, e.g. "the
+    /// channel's") has certainly stopped its command: its lease has run out, or, on
+    /// this host, its chan-run is gone; then kills what is left of its command here.
+    pub(super) fn wait_out(&self, previous: &Previous, whose: &str, wait: &Waiting) -> Result<(), Fault> {
         let left = Duration::try_from_secs_f64(previous.left).unwrap_or_default();
         let here = previous.space.is_some() && previous.space == heartbeat::process_space();
         let who = match (&previous.pid, &previous.host) {
@@ -164,7 +172,7 @@ impl PgStore {
             None if here => Ok(()),
             Some(fd) => {
                 crate::ui::warn(format!(
-                    "the channel's previous holder ({who}) lost it while its command ran; this run waits for it \
+                    "{whose} previous holder ({who}) lost it while its command ran; this run waits for it \
                      to stop that command ({} at most)",
                     crate::duration::short(left)
                 ));
@@ -173,7 +181,7 @@ impl PgStore {
             None if wait.until().is_some_and(|u| u <= deadline) => Err(Gave::Busy),
             None => {
                 crate::ui::warn(format!(
-                    "the channel's previous holder ({who}) ended without releasing it (killed, cut off, or its \
+                    "{whose} previous holder ({who}) ended without releasing it (killed, cut off, or its \
                      session ended); its command may still run, so this run waits for its lease to run out ({} at most)",
                     crate::duration::short(left)
                 ));
@@ -182,7 +190,7 @@ impl PgStore {
         };
         waited.map_err(|gave| self.gave_up(gave, "wait for the previous lease", left))?;
         previous.kill_leftover_here();
-        self.write_lease(conn, id, fence, wait)
+        Ok(())
     }
 
     fn write_lease(&self, conn: &Conn, id: i32, fence: i64, wait: &Waiting) -> Result<Instant, Fault> {
@@ -239,22 +247,23 @@ fn record_from(row: &postgres::Row) -> anyhow::Result<ChannelRecord> {
     })
 }
 
-/// The previous lease from the grant's row (columns 8 to 15), if there was one.
-fn previous_from(row: &postgres::Row) -> Option<Previous> {
-    let left: f64 = row.get::<_, Option<f64>>(15)?;
-    let leftover = match (row.get::<_, Option<i32>>(12), row.get::<_, Option<i64>>(13)) {
+/// The previous lease from a row's columns `at` to `at + 7` (host, pid, pid_ticks,
+/// space, command_pid, spawn_ticks, spawned_ticks, left), if there was one.
+pub(super) fn previous_from(row: &postgres::Row, at: usize) -> Option<Previous> {
+    let left: f64 = row.get::<_, Option<f64>>(at + 7)?;
+    let leftover = match (row.get::<_, Option<i32>>(at + 4), row.get::<_, Option<i64>>(at + 5)) {
         (Some(pgid), Some(spawn_ticks)) => Some(crate::orphans::Leftover {
             pgid: pgid as u32,
             spawn_ticks: spawn_ticks as u64,
-            spawned_ticks: row.get::<_, Option<i64>>(14).map(|t| t as u64),
+            spawned_ticks: row.get::<_, Option<i64>>(at + 6).map(|t| t as u64),
         }),
         _ => None,
     };
     Some(Previous {
-        host: row.get(8),
-        pid: row.get::<_, Option<i32>>(9).map(|p| p as u32),
-        pid_ticks: row.get::<_, Option<i64>>(10).map(|t| t as u64),
-        space: row.get(11),
+        host: row.get(at),
+        pid: row.get::<_, Option<i32>>(at + 1).map(|p| p as u32),
+        pid_ticks: row.get::<_, Option<i64>>(at + 2).map(|t| t as u64),
+        space: row.get(at + 3),
         leftover,
         left,
     })

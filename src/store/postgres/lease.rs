@@ -39,6 +39,11 @@ const FINAL_WRITE: &str = "WITH updated AS (UPDATE {s}.chan_run_channel SET sess
 const FINAL_WRITE_FLOOR: Duration = Duration::from_millis(100);
 
 pub struct PgLease {
+    /// The store, for a seat's queue connection.
+    pub store: super::PgStore,
+    pub channel: String,
+    /// The seat rows held (pool.rs).
+    pub seats: Vec<i32>,
     pub conn: Conn,
     pub heartbeat: Heartbeat,
     pub id: i32,
@@ -142,11 +147,14 @@ impl Lease for PgLease {
     fn take_seat(
         &mut self,
         pool: &crate::pool::Pool,
-        _wait: crate::store::Wait,
-        _control: &'static crate::control::Control,
-        _on_wait: &mut dyn FnMut(&crate::store::SeatNote),
+        wait: crate::store::Wait,
+        control: &'static crate::control::Control,
+        on_wait: &mut dyn FnMut(&crate::store::SeatNote),
     ) -> Result<(), crate::store::AcquireError> {
-        Err(anyhow::anyhow!("pool {}: the PostgreSQL store does not keep pools yet", pool.name()).into())
+        let taker = super::pool::Taker { channel: &self.channel, fence: self.fence };
+        let seat = self.store.take_seat(&self.conn, &taker, pool, wait, control, on_wait)?;
+        self.seats.push(seat);
+        Ok(())
     }
 
     fn command_started(&mut self, pid: u32, ticks: u64) {
@@ -181,7 +189,8 @@ impl Lease for PgLease {
         if let Some(why) = self.heartbeat.stop() {
             bail!("{}", LockLost(why));
         }
-        let (id, fence, ended) = (self.id, self.fence, self.ended);
+        let (id, fence, ended, seats) = (self.id, self.fence, self.ended, std::mem::take(&mut self.seats));
+        let release_seats = super::PgStore::release_seats_sql(&self.conn);
         let (end, unlock) = (
             self.conn.sql("DELETE FROM {s}.chan_run_lease WHERE channel_id = $1 AND fence = $2"),
             self.conn
@@ -193,6 +202,11 @@ impl Lease for PgLease {
             .call(&Waiting::plain(), Some(within), "unlock the channel", move |client| {
                 if !ended {
                     client.query_typed(&end, &[(&id, Type::INT4), (&fence, Type::INT8)])?;
+                }
+                // Step 6 of pool.rs, after the lease's end committed.
+                if !seats.is_empty() {
+                    client
+                        .query_typed(&release_seats, &[(&seats, Type::INT4_ARRAY), (&fence, Type::INT8)])?;
                 }
                 let row = client.query_typed_one(&unlock, &[(&id, Type::INT4)])?;
                 Ok((row.get::<_, bool>(0), row.get::<_, i32>(1)))

@@ -5,7 +5,8 @@
 //! `chan_run_meta` (the schema version), `chan_run_channel` (one row per channel: its
 //! record and `fence`), `chan_run_lease` (the current or last unclean holder: host,
 //! pids, backend, heartbeat, the bound its command stops within), `chan_run_history`
-//! (the last runs per channel), and the sequence `chan_run_fence`.
+//! (the last runs per channel), the sequence `chan_run_fence`, and for pools
+//! `chan_run_pool` and `chan_run_seat` (pool.rs has their protocol).
 //!
 //! # Protocol of one run
 //! Each step's detail, with what a death at that step leaves, sits beside its code.
@@ -26,7 +27,8 @@
 //!    unlock (lease.rs).
 //!
 //! config.rs, conninfo.rs and pgfiles.rs read `--store` as libpq would; verbs.rs is the
-//! `Store` interface: acquire, status, history, gc.
+//! `Store` interface: acquire, status, history, gc. pool.rs takes a run's seats in
+//! pools (`--pool`) after step 4 and releases them in step 6.
 
 mod config;
 mod conn;
@@ -35,6 +37,7 @@ mod grant;
 mod heartbeat;
 mod lease;
 mod pgfiles;
+mod pool;
 mod queue;
 mod schema;
 mod session;
@@ -44,6 +47,7 @@ mod wait;
 use std::time::Duration;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+#[derive(Clone)]
 pub struct PgStore {
     config: postgres::Config,
     /// The server as messages name it (never the password).

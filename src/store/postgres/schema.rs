@@ -79,6 +79,30 @@ ALTER TABLE {s}.chan_run_channel
     DROP COLUMN holder_command, DROP COLUMN holder_command_pid, DROP COLUMN heartbeat,
     DROP COLUMN holder_space, DROP COLUMN holder_spawn_ticks, DROP COLUMN holder_spawned_ticks;
 "#,
+    // Pools (pool.rs): a row per pool (its gate's lock key), a row per seat (its lock
+    // key, and its current or last unclean holder, named by the holder's lease fence).
+    r#"
+CREATE TABLE {s}.chan_run_pool (
+    id      int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pool    text NOT NULL UNIQUE,
+    created timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE TABLE {s}.chan_run_seat (
+    id       int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pool_id  int NOT NULL REFERENCES {s}.chan_run_pool (id) ON DELETE CASCADE,
+    seat     int NOT NULL,
+    fence    bigint,
+    channel  text,
+    host     text,
+    pid      int,
+    backend  int,
+    seats    int,
+    since    timestamptz,
+    released timestamptz,
+    UNIQUE (pool_id, seat)
+);
+CREATE INDEX chan_run_lease_fence ON {s}.chan_run_lease (fence);
+"#,
 ];
 
 /// History rows kept per channel.
@@ -88,6 +112,20 @@ pub const HISTORY_KEEP: i64 = 1000;
 /// `pg_locks.classid` shows the oid itself).
 pub const NS: &str =
     "((('{s_lit}.chan_run_channel'::regclass::oid::int8 + 2147483648) % 4294967296) - 2147483648)::int4";
+/// A lock namespace: the oid of chan-run's table `table`, as an int4 (as [`NS`]).
+pub fn ns_of(table: &str) -> String {
+    format!("(((('{{s_lit}}.{table}'::regclass::oid::int8 + 2147483648) % 4294967296) - 2147483648)::int4)")
+}
+
+/// The advisory locks of namespace `table` in `pg_locks` (as `alias`), in this database.
+pub fn lock_rows_of(table: &str, alias: &str) -> String {
+    format!(
+        "{alias}.locktype = 'advisory' AND {alias}.classid = '{{s_lit}}.{table}'::regclass \
+         AND {alias}.objsubid = 2 AND {alias}.database = (SELECT d.oid FROM pg_catalog.pg_database d \
+         WHERE d.datname = pg_catalog.current_database())"
+    )
+}
+
 /// The channels' advisory locks in `pg_locks` (as `l`), in this database.
 pub const LOCK_ROWS: &str = "l.locktype = 'advisory' AND l.classid = '{s_lit}.chan_run_channel'::regclass \
      AND l.objsubid = 2 AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d \

@@ -68,6 +68,9 @@ impl Store for PgStore {
             let alarm = control.lock_lost_alarm();
             let heartbeat = Heartbeat::start(conn.clone(), id, granted.fence, proven_at, alarm);
             return Ok(Box::new(PgLease {
+                store: self.clone(),
+                channel: channel.name().to_owned(),
+                seats: Vec::new(),
                 conn,
                 heartbeat,
                 id,
@@ -79,8 +82,8 @@ impl Store for PgStore {
         }
     }
 
-    fn pools(&self, _only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolStatus>> {
-        Ok(Vec::new())
+    fn pools(&self, only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolStatus>> {
+        self.pool_statuses(only)
     }
 
     fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)> {
@@ -160,6 +163,7 @@ impl Store for PgStore {
             };
             items.push(item);
         }
+        items.extend(self.gc_pools(&conn, idle_for, dry_run)?);
         Ok(GcReport { items, notes: Vec::new() })
     }
 }
