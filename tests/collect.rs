@@ -275,3 +275,40 @@ fn a_batch_runner_killed_at_random_moments_loses_no_message() {
         "{rounds} rounds: in {reruns} the runner died before its batch's outcome and the next caller ran it again"
     );
 }
+
+#[test]
+fn an_interrupted_caller_withdraws_its_message_unless_a_batch_took_it() {
+    let env = TestEnv::new();
+    let holder = env.hold("int", "held", "go");
+    let command = sh(r#"cat > "$T/in.$$"; started batch; gate batch-go"#);
+    let first = collector(&env, "int", 0, &[], &command);
+    let withdrawn = collector(&env, "int", 1, &[], &command);
+    withdrawn.signal(Signal::TERM);
+    let out = withdrawn.finish(PATIENCE);
+    out.assert_code(143);
+    assert!(!out.stderr().contains("already been taken"), "{}", out.stderr());
+    let taken = collector(&env, "int", 2, &[], &command);
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    env.wait_for_file("batch");
+    taken.signal(Signal::TERM);
+    let out = taken.finish(PATIENCE);
+    out.assert_code(143);
+    assert!(out.stderr().contains("already been taken into the batch"), "{}", out.stderr());
+    env.open_gate("batch-go");
+    first.finish(PATIENCE).assert_code(0);
+    let ins: Vec<String> = list(env.t()).into_iter().filter(|n| n.starts_with("in.")).collect();
+    assert_eq!(ins.len(), 1);
+    assert_eq!(env.read(&ins[0]), "m0\n\nm2", "the withdrawn message is not in the batch");
+}
+
+#[test]
+fn the_postgres_store_refuses_collect_for_now() {
+    let Some(server) = pg::server() else { return };
+    let env = TestEnv::with_store(&pg::fresh_store(&server));
+    env.run(&["-c", "pg", "--collect", "--message", "m"], &sh("started ran"))
+        .assert()
+        .code(125)
+        .stderr(predicates::str::contains("--collect is not supported with --store postgres://"));
+    assert!(!env.exists("ran"));
+}
