@@ -76,6 +76,7 @@ fn five_messages_queued_behind_a_busy_run_are_answered_by_one_run() {
     assert_eq!(state["channels"]["burst"]["runs"], 2);
     let last = &history(&env, "burst")[0];
     assert_eq!(last["messages"], 5, "history shows the batch as one run of 5 messages: {last}");
+    assert_eq!(list(&env.state().join("queue/burst")), ["verdict"], "no message is left behind");
 }
 
 #[test]
@@ -228,6 +229,8 @@ fn a_batch_runner_killed_at_random_moments_loses_no_message() {
     for round in 0..rounds {
         let channel = format!("crash-{round}");
         let Round { survivors, killed_after_verdict } = crash_round(&env, &channel, &mut rng);
+        let left = list(&env.state().join("queue").join(&channel));
+        assert!(left.iter().all(|f| f == "verdict"), "round {round}: left behind: {left:?}");
         // The batches that were answered: their runner exited 0 and printed the id, or
         // wrote the outcome for the callers it took before it was killed.
         let mut answered: HashMap<String, usize> = survivors
@@ -311,4 +314,22 @@ fn the_postgres_store_refuses_collect_for_now() {
         .code(125)
         .stderr(predicates::str::contains("--collect is not supported with --store postgres://"));
     assert!(!env.exists("ran"));
+}
+
+#[test]
+fn the_message_of_a_caller_killed_while_waiting_is_neither_run_nor_kept() {
+    let env = TestEnv::new();
+    let holder = env.hold("dead", "held", "go");
+    let first = collector(&env, "dead", 0, &[], &batch_command());
+    let killed = collector(&env, "dead", 1, &[], &batch_command());
+    killed.signal(Signal::KILL);
+    killed.finish(PATIENCE);
+    let last = collector(&env, "dead", 2, &[], &batch_command());
+    assert!(list(&env.state().join("queue/dead")).iter().any(|f| f.starts_with("msg-")));
+    env.open_gate("go");
+    holder.finish(PATIENCE).assert_code(0);
+    first.finish(PATIENCE).assert_code(0);
+    last.finish(PATIENCE).assert_code(COLLECTED);
+    assert_eq!(runs(&env), ["m0", "", "m2"]);
+    assert_eq!(list(&env.state().join("queue/dead")), ["verdict"], "the dead caller's message is removed");
 }

@@ -132,7 +132,8 @@ fn fingerprint(args: &RunArgs, separator: &[u8]) -> String {
 }
 
 /// Queues for `channel` as `run` does; with `collect`, leaves the message in the queue
-/// and returns the code of a caller answered by an earlier run's batch.
+/// and returns the code of a caller answered by an earlier run's batch, or the lease once
+/// `--collect-window` is over.
 pub fn acquire(
     store: &dyn Store,
     channel: &Channel,
@@ -154,7 +155,19 @@ pub fn acquire(
         Err(e) => return super::busy_or_interrupted(Err(e), &args.wait),
     };
     match turn {
-        Turn::Run(lease) => Ok(Ok(lease)),
+        Turn::Run(mut lease) => {
+            // Before any pool seat is taken: a seat is for the command, not the debounce.
+            if let Some(window) = collect.window {
+                let waited = lease.collect_window(window, collect.max, control);
+                if let Err(e) = waited {
+                    if let Err(why) = lease.release() {
+                        crate::ui::warn(format!("{why:#}"));
+                    }
+                    return super::busy_or_interrupted(Err(e), &args.wait);
+                }
+            }
+            Ok(Ok(lease))
+        }
         Turn::Answered(verdict) => {
             let code = match verdict.code {
                 0 => ExitCode::Collected(collect.collected_code),
@@ -183,29 +196,16 @@ pub fn acquire(
     }
 }
 
-/// Holding the channel: waits out `--collect-window`, then takes the batch. `Err(code)`
-/// when a signal ended the window (nothing taken, nothing run).
-pub fn gather(
-    lease: &mut dyn Lease,
-    collect: Option<&Collect>,
-    control: &'static Control,
-) -> anyhow::Result<Result<Option<Batch>, ExitCode>> {
-    let Some(collect) = collect else { return Ok(Ok(None)) };
-    if let Some(window) = collect.window {
-        match lease.collect_window(window, collect.max, control) {
-            Ok(()) => {}
-            Err(crate::store::AcquireError::Interrupted(sig)) => return Ok(Err(ExitCode::Signal(sig))),
-            Err(crate::store::AcquireError::Busy) => {}
-            Err(crate::store::AcquireError::Failed(e)) => return Err(e),
-        }
-    }
+/// Holding the channel (and its seats), right before the command: takes the batch.
+pub fn gather(lease: &mut dyn Lease, collect: Option<&Collect>) -> anyhow::Result<Option<Batch>> {
+    let Some(collect) = collect else { return Ok(None) };
     let taken = lease.take_batch(collect.max)?;
     let mut stdin = collect.entry.message.to_vec();
     for message in &taken {
         stdin.extend_from_slice(&collect.separator);
         stdin.extend_from_slice(message);
     }
-    Ok(Ok(Some(Batch { stdin: Arc::from(stdin), messages: taken.len() as u64 + 1 })))
+    Ok(Some(Batch { stdin: Arc::from(stdin), messages: taken.len() as u64 + 1 }))
 }
 
 /// Writes the batch's outcome for the callers it took (before the channel is released).

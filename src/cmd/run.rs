@@ -37,13 +37,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         release(lease);
         return Ok(code);
     }
-    let batch = match super::collect::gather(lease.as_mut(), collect.as_ref(), control)? {
-        Ok(batch) => batch,
-        Err(code) => {
-            release(lease);
-            return Ok(code);
-        }
-    };
+    let batch = super::collect::gather(lease.as_mut(), collect.as_ref())?;
     let stdin = batch.as_ref().map(|b| &b.stdin);
     let held_pools: Vec<&str> = pools.iter().map(|p| p.name()).collect();
     let record = match lease.record() {

@@ -20,17 +20,19 @@
 //!    it was 0), nothing run. Else this caller runs, whether its message was never taken
 //!    or taken by a runner that died before writing a verdict: it re-runs the message,
 //!    in its own place in line, with those behind it [dies: as any holder].
-//! 4. Window (`--collect-window`): holding the channel, sleep on an inotify watch of the
+//! 4. Window (`--collect-window`, before any pool seat): holding the channel, sleep on an inotify watch of the
 //!    folder until no ticket has been created for DUR [dies: as any holder].
-//! 5. Take: under the registration lock (so every message read is whole), walk the live
-//!    tickets in order; each with this fingerprint is taken by renaming `msg-<token>` to
+//! 5. Take (after the run's pool seats, right before the command): under the
+//!    registration lock (so every message read is whole, and every message has its
+//!    ticket: one that no live ticket names is a dead caller's, and is removed), walk
+//!    the live tickets in order; each with this fingerprint is taken by renaming `msg-<token>` to
 //!    `taken-<token>` (a `taken-` file with no verdict is a dead runner's, and is taken
 //!    again), until one differs or the batch is full [dies: the taken callers find no
 //!    verdict at step 3 and run their messages again, in order].
 //! 6. Run the command once, all messages on its stdin; record the run.
-//! 7. Settle: write `verdict` (a temporary file renamed over it: all or nothing), then
-//!    release the channel [dies before the rename: as 5; after: the batch counts as
-//!    answered, and its runner's caller saw its whole output].
+//! 7. Settle: write `verdict` (a temporary file renamed over it: all or nothing),
+//!    remove the taken messages, release the channel [dies before the rename: as 5;
+//!    after: the batch counts as answered, and its runner's caller saw its whole output].
 //!
 //! The taken callers then take the channel in turn, each for an instant (step 3): they
 //! were queued right behind the runner, and newcomers queue behind them, so no other
@@ -42,7 +44,7 @@
 use super::acquire::{self, Join};
 use super::files::ChannelFiles;
 use super::lease::LocalLease;
-use super::queue::QueueDir;
+use super::queue::{QueueDir, Registration};
 use crate::control::Control;
 use crate::store::{AcquireError, CollectEntry, Turn, Verdict, Wait, WaitNote};
 use anyhow::{Context, anyhow};
@@ -254,9 +256,12 @@ fn arrived(watch: &rustix::fd::OwnedFd) -> bool {
 /// Step 5.
 pub fn take(files: &ChannelFiles, batch: &mut Batch, max: u32) -> anyhow::Result<Vec<Arc<[u8]>>> {
     let queue = files.queue()?;
-    let _reg = queue.register(true).context("cannot lock the queue")?;
+    let reg = queue.register(true).context("cannot lock the queue")?;
+    let reg = reg.ok_or_else(|| anyhow!("cannot lock the queue"))?;
+    let waiters = queue.waiters_with_notes(None);
+    sweep(&queue, &reg, &waiters);
     let mut messages = Vec::new();
-    for (_, note) in queue.waiters_with_notes(None) {
+    for (_, note) in waiters {
         if batch.taken.len() + 1 >= max as usize {
             break;
         }
@@ -281,6 +286,20 @@ pub fn take(files: &ChannelFiles, batch: &mut Batch, max: u32) -> anyhow::Result
     Ok(messages)
 }
 
+/// Under the registration lock, where every message has a ticket: removes the messages
+/// of callers that died waiting (no live ticket names them).
+fn sweep(queue: &QueueDir, _reg: &Registration, waiters: &[(crate::store::Waiter, String)]) {
+    let live: Vec<&str> = waiters.iter().filter_map(|(_, note)| collect_note(note)).map(|(_, t)| t).collect();
+    let Ok(mut listing) = rustix::fs::Dir::read_from(queue.fd()) else { return };
+    while let Some(Ok(entry)) = listing.read() {
+        let Ok(name) = entry.file_name().to_str() else { continue };
+        let token = name.strip_prefix("msg-").or_else(|| name.strip_prefix("taken-"));
+        if token.is_some_and(|t| !live.contains(&t)) {
+            let _ = rustix::fs::unlinkat(queue.fd(), name, AtFlags::empty());
+        }
+    }
+}
+
 /// Step 7.
 pub fn settle(files: &ChannelFiles, batch: &Batch, code: u8) -> anyhow::Result<()> {
     if batch.taken.is_empty() {
@@ -294,5 +313,9 @@ pub fn settle(files: &ChannelFiles, batch: &Batch, code: u8) -> anyhow::Result<(
     file.write_all(line.as_bytes()).context("cannot write the batch's verdict")?;
     rustix::fs::renameat(queue.fd(), VERDICT_TMP, queue.fd(), VERDICT)
         .context("cannot write the batch's verdict")?;
+    // Answered: no one needs the messages any more.
+    for token in &batch.taken {
+        let _ = rustix::fs::unlinkat(queue.fd(), format!("taken-{token}"), AtFlags::empty());
+    }
     Ok(())
 }
