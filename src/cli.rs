@@ -159,9 +159,41 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHAT", requires = "profile")]
     pub on_stale_session: Option<crate::profile::OnStale>,
 
+    #[command(flatten)]
+    pub collect: Box<CollectArgs>,
+
     /// The command and its arguments
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// `--collect`: a burst of queued messages as one run (README "Collect").
+#[derive(Debug, Args, Clone)]
+pub struct CollectArgs {
+    /// Send the message (--message, else stdin, at most 1 MiB) on the command's stdin, and
+    /// answer the --collect callers queued right behind with the same command in the same run
+    #[arg(long)]
+    pub collect: bool,
+
+    /// The message (instead of reading it from stdin)
+    #[arg(long, value_name = "TEXT", requires = "collect", allow_hyphen_values = true)]
+    pub message: Option<OsString>,
+
+    /// When this caller's turn comes, wait until no new message has come for DUR (at most 10s)
+    #[arg(long, value_name = "DUR", requires = "collect", allow_negative_numbers = true, value_parser = crate::duration::parse)]
+    pub collect_window: Option<Duration>,
+
+    /// Answer at most N messages in one run (this caller's included)
+    #[arg(long, value_name = "N", requires = "collect", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub collect_max: u32,
+
+    /// What joins the messages on the command's stdin (\n, \t and \\ understood) [default: a blank line]
+    #[arg(long, value_name = "STR", requires = "collect", allow_hyphen_values = true)]
+    pub collect_separator: Option<String>,
+
+    /// The code of a caller whose message was answered by the run of an earlier one
+    #[arg(long, value_name = "N", requires = "collect", default_value_t = crate::exit_code::COLLECTED_DEFAULT)]
+    pub collected_exit_code: u8,
 }
 
 /// A channel name must be UTF-8; clap's own message for that does not name the flag.

@@ -7,6 +7,11 @@ use std::process::ExitStatus;
 /// The default busy code (`EX_TEMPFAIL`), changed with `-E`.
 pub const BUSY_DEFAULT: u8 = 75;
 
+/// The default "answered by the run of an earlier message" code (`--collect`), changed
+/// with `--collected-exit-code`: outside sysexits' 64-78, the shell's 126-165 and
+/// chan-run's 69, 75, 122, 124-128, so a bot can never read it as one of those.
+pub const COLLECTED_DEFAULT: u8 = 80;
+
 /// How chan-run ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitCode {
@@ -16,6 +21,9 @@ pub enum ExitCode {
     TimedOut,
     /// The channel stayed busy (`--no-wait`, `--wait` elapsed): the `-E` code.
     Busy(u8),
+    /// `--collect`: this caller's message was answered by the run of an earlier one (the
+    /// `--collected-exit-code`).
+    Collected(u8),
     /// chan-run itself failed: usage, bad channel name, unusable state directory, its
     /// own resources.
     Failed,
@@ -55,7 +63,7 @@ impl ExitCode {
 
     pub fn code(self) -> u8 {
         match self {
-            ExitCode::Command(code) | ExitCode::Busy(code) => code,
+            ExitCode::Command(code) | ExitCode::Busy(code) | ExitCode::Collected(code) => code,
             ExitCode::TimedOut => 124,
             ExitCode::Failed => 125,
             ExitCode::CannotExecute => 126,

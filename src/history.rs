@@ -33,6 +33,9 @@ pub struct Entry {
     /// session replaced, `--fresh-after` dropping it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_note: Option<String>,
+    /// `--collect`: how many callers' messages the run answered (its own included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<u64>,
     /// The command, for a run whose chan-run died (its holder record named it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,

@@ -4,6 +4,7 @@
 mod common;
 
 mod bad_input;
+mod collect;
 mod crash;
 mod exit_codes;
 mod hardening;

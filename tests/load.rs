@@ -1,6 +1,7 @@
 //! Load (SPEC `run` items 1, 3 and 8): many callers on one channel never overlap and
 //! all succeed; many channels at once each keep an exact run count; waiters arriving
-//! a few ms apart are served in arrival order, with and without `--wait`.
+//! a few ms apart are served in arrival order, with and without `--wait`; a bot's
+//! bursts with `--collect` are answered once each, in order, in fewer model calls.
 //!
 //! 32 channels × 20 runs with `CHAN_RUN_HEAVY=1`, 8 × 10 otherwise.
 
@@ -143,4 +144,85 @@ fn holder_and_sixteen_waiters_arriving_20ms_apart_run_in_arrival_order() {
 #[test]
 fn with_a_wait_limit_waiters_still_run_in_arrival_order() {
     arrivals_are_served_in_order(&["--wait", "30s"]);
+}
+
+/// Whether `pid` holds a lock (not merely waits for one), per the kernel's lock table.
+fn holds_a_lock(pid: u32) -> bool {
+    let table = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    table.lines().any(|l| !l.contains("->") && l.split_whitespace().nth(4) == Some(&pid.to_string()))
+}
+
+#[test]
+fn bot_replay_bursts_are_answered_once_each_in_fewer_model_calls() {
+    // Invariant (issue 16): 6 channels each get bursts of 1-5 messages (`--collect
+    // --collect-window 0.3s`, 30 ms apart, a pause between bursts, no caller waiting for
+    // another): every caller exits 0 (it printed its batch's reply) or 80 (collected);
+    // each message is in exactly one batch, and a batch's reply went to the caller of its
+    // first message; per channel, the batches in the order they ran hold the messages in
+    // the order they arrived; the model calls (batches) are fewer than the messages.
+    let seed = Rng::seed();
+    eprintln!("load: seed {seed} (CHAN_RUN_SEED={seed} replays it)");
+    let env = Arc::new(TestEnv::new());
+    let bursts = scaled(5, 15);
+    let started = Instant::now();
+    let channels: Vec<_> = (0..6)
+        .map(|c| {
+            let env = Arc::clone(&env);
+            let mut rng = Rng::new(seed.wrapping_add(c));
+            std::thread::spawn(move || {
+                let channel = format!("bot-{c}");
+                let command = sh(&format!(
+                    r#"cat > "$T/in-{channel}.$$"; echo $$ >> "$T/calls-{channel}"; sleep 0.1; printf '{{"session_id":"%s"}}\n' $$"#
+                ));
+                let mut callers = Vec::new();
+                for _ in 0..bursts {
+                    for _ in 0..rng.between(1, 5) {
+                        let message = format!("{}", callers.len());
+                        let opts = ["-c", &channel, "--collect", "--collect-window", "0.3s", "--message", &message];
+                        let mut run = env.spawn(&opts, &command);
+                        let pid = run.pid();
+                        // Arrived: queued, or holding the channel, or done.
+                        wait_until("a message to arrive", || {
+                            env.queued_pids(&channel).contains(&pid) || holds_a_lock(pid) || !run.is_running()
+                        });
+                        callers.push(run);
+                        std::thread::sleep(Duration::from_millis(30));
+                    }
+                    std::thread::sleep(rng.duration_up_to(Duration::from_millis(600)));
+                }
+                let outcomes: Vec<(i32, String)> = callers
+                    .into_iter()
+                    .map(|r| {
+                        let out = r.finish(PATIENCE);
+                        (out.code(), out.stdout())
+                    })
+                    .collect();
+                (channel, outcomes)
+            })
+        })
+        .collect();
+    let (mut messages, mut calls) = (0, 0);
+    for handle in channels {
+        let (channel, outcomes) = handle.join().unwrap();
+        let batches: Vec<String> = env.read(&format!("calls-{channel}")).lines().map(str::to_owned).collect();
+        let mut answered = Vec::new();
+        for batch in &batches {
+            let input = env.read(&format!("in-{channel}.{batch}"));
+            let got: Vec<usize> = input.split("\n\n").map(|m| m.parse().unwrap()).collect();
+            let (code, stdout) = &outcomes[got[0]];
+            assert_eq!(*code, 0, "seed {seed}: {channel}: batch {batch}'s first caller");
+            assert!(stdout.contains(&format!("\"{batch}\"")), "seed {seed}: {channel}: {stdout:?}");
+            answered.extend(got);
+        }
+        assert_eq!(answered, (0..outcomes.len()).collect::<Vec<_>>(), "seed {seed}: {channel}: order");
+        let collected = outcomes.iter().filter(|(code, _)| *code == 80).count();
+        assert_eq!(collected + batches.len(), outcomes.len(), "seed {seed}: {channel}: {outcomes:?}");
+        messages += outcomes.len();
+        calls += batches.len();
+    }
+    eprintln!(
+        "load: bot replay, 6 channels × {bursts} bursts: {messages} messages answered by {calls} model calls in {:?} (seed {seed})",
+        started.elapsed()
+    );
+    assert!(calls < messages, "seed {seed}: no burst was collected");
 }

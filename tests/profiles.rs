@@ -392,3 +392,39 @@ fn a_stale_session_is_replaced_in_the_same_run() {
     let table = env.command().args(["status", "y"]).output().unwrap();
     assert!(text(&table.stdout).contains("stale_session"), "{}", text(&table.stdout));
 }
+
+/// `--collect` (issue 16): `claude -p` with no prompt argument reads the batch on stdin;
+/// one request carries the queued messages, and the session goes on from it.
+#[test]
+fn real_claude_answers_a_collected_burst_in_one_call() {
+    let Some(claude) = real_claude() else { return };
+    let env = TestEnv::new();
+    let mock = Mock::start(&env);
+    let holder = env.hold("chat", "held", "go");
+    let callers: Vec<crate::common::Running> = ["burst-a", "burst-b", "burst-c"]
+        .iter()
+        .map(|m| {
+            let opts = ["-c", "chat", "--collect", "--message", m];
+            let mut run = crate::common::Running::start(claude_cmd(
+                &env,
+                &mock,
+                &claude,
+                &opts,
+                &["-p", "--output-format", "json"],
+            ));
+            let pid = run.pid();
+            wait_until("a caller to queue", || env.queued_pids("chat").contains(&pid) || !run.is_running());
+            run
+        })
+        .collect();
+    env.open_gate("go");
+    holder.finish(crate::common::PATIENCE).assert_code(0);
+    let codes: Vec<i32> = callers.into_iter().map(|c| c.finish(crate::common::PATIENCE).code()).collect();
+    assert_eq!(codes, [0, 80, 80]);
+    assert_eq!(mock.requests().len(), 1, "one model call for the burst");
+    let turns = mock.turns_with("burst-c");
+    assert!(turns.iter().any(|t| t.contains("burst-a\n\nburst-b\n\nburst-c")), "{turns:?}");
+    let next = claude_run(&env, &mock, &claude, &["-c", "chat"], "after-burst");
+    assert_eq!(next.status.code(), Some(0), "{}", text(&next.stderr));
+    assert!(mock.turns_with("after-burst").iter().any(|t| t.contains("burst-b")), "the session went on");
+}

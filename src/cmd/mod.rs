@@ -2,6 +2,7 @@
 //! and what `run` and `reset` share: queueing for a channel as `-n`/`-w`/`-E` say, with
 //! the waiting line on a terminal.
 
+mod collect;
 pub mod gc;
 mod held;
 pub mod history;

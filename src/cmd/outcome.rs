@@ -83,6 +83,7 @@ impl Outcome {
             api_status: last_run.extra.get("api_status").and_then(|v| v.as_u64()),
             resets_at: last_run.extra.get("resets_at").and_then(|v| v.as_str()).map(str::to_owned),
             session_note,
+            messages: last_run.extra.get("messages").and_then(|v| v.as_u64()),
             command: None,
         }
     }
@@ -111,6 +112,7 @@ pub fn died_entry(dead: &DeadRun, record: &ChannelRecord) -> Entry {
         api_status: None,
         resets_at: None,
         session_note: None,
+        messages: None,
         command: Some(dead.command.clone()),
     }
 }

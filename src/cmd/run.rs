@@ -28,7 +28,8 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     // could wait for that ancestor forever.
     pools.retain(|p| super::held::ancestor_seat(&store_id, p).is_none());
     let wait = super::wait_of(&args.wait);
-    let mut lease = match super::acquire(store, &channel, &args.wait, wait, args.quiet, control)? {
+    let collect = super::collect::prepare(&args)?;
+    let mut lease = match super::collect::acquire(store, &channel, &args, wait, control, collect.as_ref())? {
         Ok(lease) => lease,
         Err(code) => return Ok(code),
     };
@@ -36,6 +37,8 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         release(lease);
         return Ok(code);
     }
+    let batch = super::collect::gather(lease.as_mut(), collect.as_ref())?;
+    let stdin = batch.as_ref().map(|b| &b.stdin);
     let held_pools: Vec<&str> = pools.iter().map(|p| p.name()).collect();
     let record = match lease.record() {
         Ok(record) => record,
@@ -50,7 +53,8 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let command = with_session(&args, session.as_deref());
     let started_at = SystemTime::now();
     let env = command_env(store, &store_id, &channel, &held_pools, session.as_deref(), lease.fence());
-    let mut finished = execute(lease.as_mut(), &args, args.timeout, &command, env, started_at, control);
+    let mut finished =
+        execute(lease.as_mut(), &args, args.timeout, &command, env, started_at, control, stdin);
     let mut reading = read(&args, &mut finished);
 
     // A session the model no longer knows: once more at once, without it, still holding
@@ -72,7 +76,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
             true => Duration::ZERO,
             false => args.timeout.saturating_sub(finished.duration).max(Duration::from_millis(1)),
         };
-        finished = execute(lease.as_mut(), &args, timeout, &args.command, env, started_at, control);
+        finished = execute(lease.as_mut(), &args, timeout, &args.command, env, started_at, control, stdin);
         reading = read(&args, &mut finished);
     }
     lease.free_seats();
@@ -89,6 +93,9 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         return Ok(outcome.code);
     };
     name_the_ending(&mut last_run, reading, &args, &channel, session.as_deref());
+    if let Some(batch) = &batch {
+        last_run.extra.insert("messages".into(), batch.messages.into());
+    }
     let new_session = session_from_output(&mut finished, &args, &channel, &command[0], &mut last_run);
     let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
     let stale_replaced = session_note.is_some();
@@ -124,6 +131,7 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         Err(Some(ExitCode::LockLost)) => return Ok(ExitCode::LockLost),
         Err(Some(code)) => code,
     };
+    super::collect::settle(lease.as_mut(), batch.as_ref(), code);
     release(lease);
     Ok(code)
 }
@@ -194,6 +202,7 @@ fn session_to_pass(
 }
 
 /// Records the holder and runs the command under the lease.
+#[allow(clippy::too_many_arguments)]
 fn execute(
     lease: &mut dyn Lease,
     args: &RunArgs,
@@ -202,6 +211,7 @@ fn execute(
     env: Vec<(&'static str, Option<OsString>)>,
     started_at: SystemTime,
     control: &'static Control,
+    stdin: Option<&std::sync::Arc<[u8]>>,
 ) -> Finished {
     let holder = Holder {
         pid: std::process::id(),
@@ -223,6 +233,7 @@ fn execute(
         pid_field: lease.pid_field(),
         lost_grace: lease.lost_grace(),
         tail_cap: if args.no_session { 0 } else { supervise::TAIL_CAP },
+        stdin: stdin.cloned(),
     };
     supervise::run(plan, control, &mut |pid| lease.command_started(pid, crate::procfs::now_ticks()))
 }

@@ -89,13 +89,26 @@ fn to_json(c: &ChannelStatus, waiting: Option<&str>) -> serde_json::Value {
         "waiting_for_pool": waiting,
         "holder": c.holder,
         "waiting": c.queue.len(),
-        "queue": c.queue,
+        "queue": queue_json(c),
         "session_id": record.session_id,
         "session_cwd": record.session_cwd,
         "runs": record.runs,
         "failures_in_a_row": record.failures_in_a_row,
         "last_run": record.last_run,
     })
+}
+
+/// The queue, each `--collect` caller marked `"collect": "queued"` or `"taken"` (into
+/// the batch being run).
+fn queue_json(c: &ChannelStatus) -> serde_json::Value {
+    let list = c.queue.iter().enumerate().map(|(i, w)| {
+        let mut entry = json!(w);
+        if let (Some(Some(mark)), Some(map)) = (c.collect.get(i), entry.as_object_mut()) {
+            map.insert("collect".into(), (*mark).into());
+        }
+        entry
+    });
+    serde_json::Value::Array(list.collect())
 }
 
 const HEADERS: [&str; 8] = ["CHANNEL", "STATE", "PID", "FOR", "WAIT", "RUNS", "LAST RUN", "SESSION"];
@@ -225,6 +238,7 @@ mod tests {
                     ..Default::default()
                 }),
                 queue: vec![],
+                collect: vec![],
                 record: Some(failing),
             },
             ChannelStatus { channel: "idle-one".into(), ..Default::default() },

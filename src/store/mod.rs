@@ -103,6 +103,9 @@ pub struct ChannelStatus {
     pub holder: Option<HolderView>,
     /// Live queued callers in queue order (never the holder).
     pub queue: Vec<Waiter>,
+    /// `--collect` callers among them, by queue index: "queued", or "taken" (into the
+    /// batch being run). Empty where the store does not say.
+    pub collect: Vec<Option<&'static str>>,
     pub record: Option<ChannelRecord>,
 }
 
@@ -209,6 +212,53 @@ pub trait Store {
         control: &'static Control,
         on_wait: &mut dyn FnMut(&WaitNote),
     ) -> Result<Box<dyn Lease>, AcquireError>;
+
+    /// `--collect`: as `acquire`, leaving `entry` in the queue while this caller waits,
+    /// so that the run of an earlier caller can take its message; then either the lease
+    /// (this caller runs the batch) or the outcome of the batch that took it.
+    fn acquire_collect(
+        &self,
+        channel: &Channel,
+        wait: Wait,
+        control: &'static Control,
+        on_wait: &mut dyn FnMut(&WaitNote),
+        entry: &CollectEntry,
+    ) -> Result<Turn, AcquireError> {
+        let _ = (channel, wait, control, on_wait, entry);
+        Err(anyhow::anyhow!(
+            "--collect is not supported with --store postgres:// yet; use the local store (--state-dir) for collected channels"
+        )
+        .into())
+    }
+}
+
+/// A `--collect` caller's entry in the queue: its message, and the fingerprint of its
+/// command and options (callers with equal fingerprints are answered by one run).
+#[derive(Clone, Debug)]
+pub struct CollectEntry {
+    pub fingerprint: String,
+    pub message: std::sync::Arc<[u8]>,
+}
+
+/// How a `--collect` caller's wait ended.
+pub enum Turn {
+    /// Its turn came: it runs the batch.
+    Run(Box<dyn Lease>),
+    /// An earlier caller's run took its message and wrote the batch's outcome.
+    Answered(Verdict),
+    /// A forwarded signal ended the wait after its message had been taken into the batch
+    /// being run (which answers it).
+    TakenThenInterrupted(i32),
+}
+
+/// A batch's outcome, as its runner wrote it for the callers it took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The runner's exit code.
+    pub code: u8,
+    pub runner_pid: u32,
+    /// Messages the run answered, the runner's own included.
+    pub messages: u32,
 }
 
 /// A held channel. Dropping it releases the lock but leaves the holder record, as a
@@ -266,6 +316,31 @@ pub trait Lease {
     /// OOM: its holder record was left behind), as that record named it.
     fn died(&mut self) -> Option<DeadRun> {
         None
+    }
+    /// `--collect`: holding the channel, waits until no new caller has queued for `quiet`
+    /// (or `max` messages are waiting, or a caller that cannot be collected queued), as
+    /// a forwarded signal allows (`AcquireError::Interrupted`).
+    fn collect_window(
+        &mut self,
+        quiet: Duration,
+        max: u32,
+        control: &'static Control,
+    ) -> Result<(), AcquireError> {
+        let _ = (quiet, max, control);
+        Ok(())
+    }
+    /// `--collect`: takes the messages of the `--collect` callers queued right behind with
+    /// the same fingerprint, in arrival order, stopping at the first that differs, so that
+    /// the batch holds at most `max` messages with this run's own; returns them.
+    fn take_batch(&mut self, max: u32) -> anyhow::Result<Vec<std::sync::Arc<[u8]>>> {
+        let _ = max;
+        Ok(Vec::new())
+    }
+    /// `--collect`: writes the batch's outcome (this run's exit code) for the callers it
+    /// took, before the channel is released.
+    fn settle_batch(&mut self, code: u8) -> anyhow::Result<()> {
+        let _ = code;
+        Ok(())
     }
     /// Adds `entry`, a run that is not this lease's own, to the channel's history.
     fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {

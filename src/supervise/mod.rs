@@ -44,6 +44,9 @@ pub struct Plan<'a> {
     /// may outlive that news (its grace is then the shorter of this and `kill_after`).
     pub lost_grace: Option<Duration>,
     pub tail_cap: usize,
+    /// What the command reads on its stdin (`--collect`'s messages), through a pipe; `None`:
+    /// chan-run's own stdin, inherited.
+    pub stdin: Option<Arc<[u8]>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +88,19 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         Ok(notice) => notice,
         Err(e) => return not_run(Ending::Unstarted(e.into()), started),
     };
-    let mut child = match command.spawn() {
+    // The writer is started before the command, so a thread chan-run cannot start is its
+    // own failure with nothing run; it writes as the command reads, so a command that
+    // prints before it has read everything never deadlocks against chan-run.
+    let feed = match plan.stdin.as_ref().map(|bytes| feed(&mut command, Arc::clone(bytes))).transpose() {
+        Ok(feed) => feed,
+        Err(e) => return not_run(Ending::Unstarted(e), started),
+    };
+    let spawned = command.spawn();
+    // The pipe's read end goes with the command: the writer then meets EPIPE (not a
+    // signal: chan-run ignores SIGPIPE) if the command exits without reading it all.
+    drop(command);
+    drop(feed);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             // The child may have taken the terminal before its exec failed.
@@ -144,6 +159,19 @@ fn command(plan: &Plan, control: &Control, terminal: &Terminal) -> Command {
         },
     );
     command
+}
+
+/// Gives `command` a pipe for its stdin and starts a thread writing `bytes` into it, then
+/// closing it (end of file). The thread ends when everything is written or the command
+/// has closed its end.
+fn feed(command: &mut Command, bytes: Arc<[u8]>) -> io::Result<std::thread::JoinHandle<()>> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let mut write = std::fs::File::from(write);
+    let writer = std::thread::Builder::new().spawn(move || {
+        let _ = std::io::Write::write_all(&mut write, &bytes);
+    })?;
+    command.stdin(Stdio::from(read));
+    Ok(writer)
 }
 
 /// Passes on what is left of the output once the command has exited; a forwarded

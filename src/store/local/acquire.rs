@@ -28,8 +28,31 @@ pub fn acquire(
     control: &'static Control,
     on_wait: &mut dyn FnMut(&WaitNote),
 ) -> Result<File, AcquireError> {
+    acquire_joining(files, wait, control, on_wait, Join::default())
+}
+
+/// What a caller leaves in the queue with its ticket: the ticket's note, and a file
+/// written beside it (name, contents) before the ticket exists, under the registration
+/// lock (`--collect`'s message).
+#[derive(Clone, Default)]
+pub struct Join {
+    pub note: String,
+    pub beside: Option<(String, std::sync::Arc<[u8]>)>,
+    /// Set (under the registration lock) by a caller that gave up: a helper thread still
+    /// registering for it must not join the queue after that.
+    pub gave_up: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// As `acquire`, leaving `join` in the queue if this caller has to wait.
+pub fn acquire_joining(
+    files: &ChannelFiles,
+    wait: Wait,
+    control: &'static Control,
+    on_wait: &mut dyn FnMut(&WaitNote),
+    join: Join,
+) -> Result<File, AcquireError> {
     let lock = files.open_lock()?;
-    let queued = match register(files, lock, false)? {
+    let queued = match register(files, lock, false, &join)? {
         Registered::Held(file) => return Ok(file),
         _ if wait == Wait::No => return Err(AcquireError::Busy),
         Registered::Queued(queue, ticket, file, note) => {
@@ -44,7 +67,7 @@ pub fn acquire(
     };
     let helper = files.clone();
     let waited = control.wait_for_progress(deadline, &mut |note: WaitNote| on_wait(&note), move |progress| {
-        wait_turn(&helper, queued, progress)
+        wait_turn(&helper, queued, progress, &join)
     });
     match waited {
         Ok(file) => Ok(file?),
@@ -62,10 +85,11 @@ fn wait_turn(
     files: &ChannelFiles,
     queued: Result<(QueueDir, Ticket, File), File>,
     progress: &Progress<WaitNote>,
+    join: &Join,
 ) -> anyhow::Result<File> {
     let (queue, ticket, file) = match queued {
         Ok(queued) => queued,
-        Err(file) => match register(files, file, true)? {
+        Err(file) => match register(files, file, true, join)? {
             Registered::Held(file) => return Ok(file),
             Registered::Queued(queue, ticket, file, note) => {
                 progress.send(note);
@@ -84,7 +108,7 @@ fn wait_turn(
 
 /// Steps 1-3 of the queue protocol: the lock at once, or a ticket (or, not `blocking`,
 /// contended), starting over in a new folder if clean-up removed the one it opened.
-fn register(files: &ChannelFiles, mut lock: File, blocking: bool) -> anyhow::Result<Registered> {
+fn register(files: &ChannelFiles, mut lock: File, blocking: bool, join: &Join) -> anyhow::Result<Registered> {
     loop {
         let queue = files.queue()?;
         let Some(reg) = queue.register(blocking).context("cannot lock the queue")? else {
@@ -100,7 +124,13 @@ fn register(files: &ChannelFiles, mut lock: File, blocking: bool) -> anyhow::Res
                 Err(file) => lock = file,
             }
         }
-        let ticket = queue.take_ticket(&reg, tickets.last().copied(), "")?;
+        if join.gave_up.as_ref().is_some_and(|g| g.load(std::sync::atomic::Ordering::SeqCst)) {
+            anyhow::bail!("gave up waiting");
+        }
+        if let Some((name, contents)) = &join.beside {
+            queue.write_beside(&reg, name, contents)?;
+        }
+        let ticket = queue.take_ticket(&reg, tickets.last().copied(), &join.note)?;
         drop(reg);
         let note = wait_note(&lock, tickets.len());
         return Ok(Registered::Queued(queue, ticket, lock, note));

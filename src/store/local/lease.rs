@@ -26,6 +26,8 @@ pub struct LocalLease {
     seats: Vec<super::pool::SeatHold>,
     /// The previous holder's record, left behind by a chan-run that died.
     died: Option<lock::HolderRecord>,
+    /// `--collect`: this run's batch.
+    pub collect: Option<super::collect::Batch>,
 }
 
 impl LocalLease {
@@ -52,6 +54,7 @@ impl LocalLease {
             control,
             seats: Vec::new(),
             died: contents.record,
+            collect: None,
         })
     }
 }
@@ -129,6 +132,32 @@ impl Lease for LocalLease {
 
     fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
         self.files.append_history(entry)
+    }
+
+    fn collect_window(
+        &mut self,
+        quiet: std::time::Duration,
+        max: u32,
+        control: &'static Control,
+    ) -> Result<(), crate::store::AcquireError> {
+        match &self.collect {
+            Some(batch) => super::collect::window(&self.files, batch, quiet, max, control),
+            None => Ok(()),
+        }
+    }
+
+    fn take_batch(&mut self, max: u32) -> anyhow::Result<Vec<std::sync::Arc<[u8]>>> {
+        match &mut self.collect {
+            Some(batch) => super::collect::take(&self.files, batch, max),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn settle_batch(&mut self, code: u8) -> anyhow::Result<()> {
+        match &self.collect {
+            Some(batch) => super::collect::settle(&self.files, batch, code),
+            None => Ok(()),
+        }
     }
 
     fn release(mut self: Box<Self>) -> anyhow::Result<()> {

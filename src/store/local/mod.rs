@@ -2,7 +2,8 @@
 //!
 //!     <state-dir>/active.json         every channel's record (state/)
 //!     <state-dir>/locks/<stem>.lock   the channel lock and holder record (lock.rs)
-//!     <state-dir>/queue/<stem>/       the channel's FIFO queue of tickets (queue.rs)
+//!     <state-dir>/queue/<stem>/       the channel's FIFO queue of tickets (queue.rs), and
+//!                                     `--collect`'s messages and verdict (collect.rs)
 //!     <state-dir>/history/<stem>.log  the channel's runs (history.rs)
 //!     <state-dir>/pools/<stem>/       a pool's seats and queue (pool.rs), made on first use
 //!
@@ -14,6 +15,7 @@
 //! its channel.
 
 mod acquire;
+mod collect;
 mod dir;
 mod files;
 mod gc;
@@ -144,6 +146,17 @@ impl Store for LocalStore {
         let files = self.files(channel);
         let file = acquire::acquire(&files, wait, control, on_wait)?;
         Ok(Box::new(lease::LocalLease::take(files, file, control)?))
+    }
+
+    fn acquire_collect(
+        &self,
+        channel: &Channel,
+        wait: Wait,
+        control: &'static Control,
+        on_wait: &mut dyn FnMut(&WaitNote),
+        entry: &crate::store::CollectEntry,
+    ) -> Result<crate::store::Turn, AcquireError> {
+        collect::acquire(&self.files(channel), wait, control, on_wait, entry)
     }
 }
 

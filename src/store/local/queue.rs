@@ -60,7 +60,9 @@ impl Drop for Registration<'_> {
 fn parse_ticket(file: &File) -> (Waiter, String) {
     let mut buf = [0u8; 1024];
     let n = file.read_at(&mut buf, 0).unwrap_or(0);
-    let text = std::str::from_utf8(&buf[..n]).unwrap_or("").trim_end_matches('\n');
+    // The first line only: what follows, if anything, is not for `status`.
+    let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let text = std::str::from_utf8(line).unwrap_or("");
     let mut words = text.splitn(3, ' ');
     let pid = words.next().and_then(|w| w.parse().ok());
     let since = words.next().and_then(|w| w.parse::<u64>().ok()).map(|ms| {
@@ -82,14 +84,10 @@ impl QueueDir {
         &self.dir
     }
 
-    /// The live waiters in queue order, for `status`: from the kernel's lock table when
-    /// there is one (nothing taken), else by `LOCK_SH` probes (which never block or
-    /// disturb an owner's `LOCK_EX`, nor a successor's `LOCK_SH`).
-    pub fn waiters(&self, held: Option<&HashMap<FileId, u32>>) -> Vec<Waiter> {
-        self.waiters_with_notes(held).into_iter().map(|(waiter, _)| waiter).collect()
-    }
-
-    /// As `waiters`, with what each ticket's owner added to it (`take_ticket`'s `note`).
+    /// The live waiters in queue order, with what each ticket's owner added to it
+    /// (`take_ticket`'s `note`), for `status`: from the kernel's lock table when there is
+    /// one (nothing taken), else by `LOCK_SH` probes (which never block or disturb an
+    /// owner's `LOCK_EX`, nor a successor's `LOCK_SH`).
     pub fn waiters_with_notes(&self, held: Option<&HashMap<FileId, u32>>) -> Vec<(Waiter, String)> {
         let mut waiters = Vec::new();
         for seq in self.tickets().unwrap_or_default() {
@@ -139,10 +137,19 @@ impl QueueDir {
     }
 
     /// For clean-up, holding the registration lock with no live ticket: removes the
-    /// dead tickets (the folder is removed by its owner, `ChannelFiles`).
+    /// dead tickets and what `--collect` keeps beside them (the folder is removed by its
+    /// owner, `ChannelFiles`).
     pub fn remove_tickets(&self) {
         for seq in self.tickets().unwrap_or_default() {
             let _ = rustix::fs::unlinkat(&self.dir, ticket_name(seq), AtFlags::empty());
+        }
+        let Ok(mut listing) = rustix::fs::Dir::read_from(&self.dir) else { return };
+        while let Some(Ok(entry)) = listing.read() {
+            if let Ok(name) = entry.file_name().to_str()
+                && super::collect::is_companion(name)
+            {
+                let _ = rustix::fs::unlinkat(&self.dir, name, AtFlags::empty());
+            }
         }
     }
 
@@ -213,6 +220,15 @@ impl QueueDir {
             _ => writeln!(file, "{} {since} {note}", std::process::id()),
         };
         Ok(Ticket { seq, file })
+    }
+
+    /// Writes the file `name` (new, 0600) beside the tickets, under the registration
+    /// lock: whoever reads it under that lock finds it whole.
+    pub fn write_beside(&self, _reg: &Registration, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL;
+        let mut file = dir::file(&self.dir, name, flags)
+            .map_err(|e| anyhow::anyhow!("{}", e.message(std::path::Path::new(name))))?;
+        file.write_all(contents).with_context(|| format!("cannot write {name} in the queue"))
     }
 
     /// The highest ticket below `seq`, if any.

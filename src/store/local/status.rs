@@ -68,8 +68,13 @@ pub fn observe(files: &ChannelFiles, held: Option<&HashMap<FileId, u32>>) -> Cha
         });
     }
     if let Some(queue) = files.existing_queue() {
-        status.queue =
-            queue.waiters(held).into_iter().filter(|w| w.pid.is_none() || w.pid != holder_pid).collect();
+        let (waiters, notes): (Vec<_>, Vec<_>) = queue
+            .waiters_with_notes(held)
+            .into_iter()
+            .filter(|(w, _)| w.pid.is_none() || w.pid != holder_pid)
+            .unzip();
+        status.collect = super::collect::marks(&queue, &notes);
+        status.queue = waiters;
     }
     status.running |= !status.queue.is_empty();
     status
