@@ -25,6 +25,7 @@ mod postgres_pooler;
 mod profiles;
 mod sessions;
 mod signals;
+mod spend;
 mod state;
 mod status;
 mod terminal;

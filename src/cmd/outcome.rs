@@ -84,6 +84,8 @@ impl Outcome {
             resets_at: last_run.extra.get("resets_at").and_then(|v| v.as_str()).map(str::to_owned),
             session_note,
             command: None,
+            attempt: last_run.extra.get("attempt").and_then(|v| v.as_u64()).map(|a| a as u32),
+            spent: crate::spend::RunUsage::from_extra(&last_run.extra),
         }
     }
 }
@@ -112,6 +114,8 @@ pub fn died_entry(dead: &DeadRun, record: &ChannelRecord) -> Entry {
         resets_at: None,
         session_note: None,
         command: Some(dead.command.clone()),
+        attempt: None,
+        spent: Default::default(),
     }
 }
 
