@@ -175,7 +175,7 @@ pub struct RunArgs {
 
     /// Run again, up to N times, when the profile reads an overloaded, rate-limited or
     /// 5xx API, after a back-off; the channel stays held
-    #[arg(long, value_name = "N", requires = "profile", value_parser = clap::value_parser!(u32).range(0..=20))]
+    #[arg(long, value_name = "N", requires = "profile", conflicts_with = "no_session", value_parser = clap::value_parser!(u32).range(0..=20))]
     pub retry: Option<u32>,
 
     /// The command and its arguments

@@ -158,6 +158,7 @@ fn bad_spending_flags_are_refused_before_anything_runs() {
         (vec!["--pool-budget", "1"], "--pool"),
         (vec!["--retry", "2"], "--profile"),
         (vec!["--retry", "99", "--profile", "claude"], "--retry"),
+        (vec!["--retry", "1", "--profile", "claude", "--no-session"], "--no-session"),
     ] {
         let mut all = vec!["-c", "x"];
         all.extend(&opts);
@@ -406,4 +407,34 @@ fn real_claude_five_channels_in_a_pool_share_one_back_off() {
     assert_eq!(answered, 5, "{requests:?}");
     // At most the five first tries, then one probe per step (0.5-1 s, 1-2, 2-4, 4-8).
     assert!(refused.len() <= 5 + 4, "{} refused requests: {requests:?}", refused.len());
+}
+
+#[test]
+fn postgres_keeps_costs_and_budgets_and_refuses_what_needs_a_pool_ledger() {
+    let Some(server) = crate::common::pg::server() else { return };
+    let env = TestEnv::with_store(&crate::common::pg::fresh_store(&server));
+    let codes: Vec<i32> = (0..4)
+        .map(|_| {
+            let out = env.run(&["-c", "bot", "--budget", "1"], &fake_claude(0, "", 0.4)).output().unwrap();
+            out.status.code().unwrap()
+        })
+        .collect();
+    assert_eq!(codes, [0, 0, 0, 77]);
+    let bot = status_of(&env, "bot");
+    assert_eq!((usd(&bot["cost_usd_today"]), usd(&bot["cost_usd_total"])), (1.2, 1.2));
+    assert_eq!(usd(&history(&env, "bot")[0]["cost_usd"]), 0.4);
+    let ran = crate::common::sh(r#"echo ran >> "$T/ran""#);
+    for opts in [
+        vec!["-c", "x", "--pool", "p:2", "--pool-budget", "1"],
+        vec!["-c", "x", "--pool", "p:2", "--retry", "1", "--profile", "claude"],
+    ] {
+        let out = env.run(&opts, &ran).output().unwrap();
+        assert_eq!(out.status.code(), Some(125), "{opts:?}");
+        assert!(
+            text(&out.stderr).contains("not supported with --store postgres://"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    assert!(!env.exists("ran"));
 }
