@@ -84,6 +84,8 @@ fn cost_and_usage_are_kept_per_run_and_summed_per_channel_and_pool() {
     for e in &entries {
         assert_eq!((usd(&e["cost_usd"]), &e["usage"]["output_tokens"]), (0.25, &5.into()), "{e}");
     }
+    let table = text(&env.command().args(["history", "a"]).output().unwrap().stdout);
+    assert!(table.lines().next().unwrap().contains("COST") && table.contains("$0.25"), "{table}");
     let x = channel_of(&status, "x");
     assert_eq!(x["last_run"]["usage"]["cached_input_tokens"], 80);
     assert!(x["last_run"].get("cost_usd").is_none() && usd(&x["cost_usd_total"]) == 0.0, "{x}");
