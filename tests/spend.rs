@@ -440,3 +440,48 @@ fn postgres_keeps_costs_and_budgets_and_refuses_what_needs_a_pool_ledger() {
     }
     assert!(!env.exists("ran"));
 }
+
+/// A stand-in for claude that is overloaded (529) while `$T/overloaded` exists, noting
+/// each call's answer and time in `$T/calls`.
+fn overloaded_while_flagged() -> Vec<String> {
+    let script = format!(
+        r#"if [ -e "$T/overloaded" ]; then echo "529 $(date +%s.%N)" >> "$T/calls"; printf '%s\n' '{OVERLOADED}'; exit 1; fi
+echo "ok $(date +%s.%N)" >> "$T/calls"
+printf '{{"type":"result","is_error":false,"session_id":"s-ok","total_cost_usd":0.01}}\n'"#
+    );
+    ["sh", "-c", &script, "claude", "-p", "hi"].map(String::from).to_vec()
+}
+
+#[test]
+fn a_pool_cools_down_once_for_all_its_channels() {
+    let env = TestEnv::new();
+    env.open_gate("overloaded");
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let channel = format!("c{i}");
+            let opts = ["-c", channel.as_str(), "--pool", "p:4", "--profile", "claude", "--retry", "8"];
+            env.spawn(&opts, &overloaded_while_flagged())
+        })
+        .collect();
+    let step = || pool_of(&status_json(&env, &[]), "p")["cool_down"]["step"].as_u64();
+    // Two probes failed: the steps double, one probe each.
+    wait_until("the cool-down's third step", || step().is_some_and(|s| s >= 2));
+    let table = text(&env.command().arg("status").output().unwrap().stdout);
+    assert!(table.contains("pool p cools down until") && table.contains("overloaded"), "{table}");
+    let busy = env.run(&["-c", "other", "--pool", "p:4", "-n"], &prints("x")).output().unwrap();
+    assert_eq!(busy.status.code(), Some(75), "-n during a cool-down: {}", text(&busy.stderr));
+    std::fs::remove_file(env.path("overloaded")).unwrap();
+    for run in runs {
+        let out = run.finish(PATIENCE);
+        assert_eq!(out.code(), 0, "{}", out.stderr());
+    }
+    let calls = calls(&env);
+    let mut refused: Vec<f64> =
+        calls.iter().filter_map(|c| c.strip_prefix("529 ")).map(|t| t.parse().unwrap()).collect();
+    refused.sort_by(f64::total_cmp);
+    assert_eq!(calls.iter().filter(|c| c.starts_with("ok")).count(), 4, "{calls:?}");
+    // The four first tries at most, then one probe per step: never two together.
+    let together = refused.windows(2).filter(|w| w[1] - w[0] < 0.25).count();
+    assert!(together <= 3 && refused.len() <= 4 + 4, "{calls:?}");
+    assert_eq!(pool_of(&status_json(&env, &[]), "p")["cool_down"], Value::Null, "an ok ends it");
+}
