@@ -43,13 +43,17 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     loop {
         // -n/-w bound the first wait; a retry's waits are bounded by the back-off.
         let wait = if attempt == 1 { wait } else { Wait::Forever };
-        let back_off = match run.attempt(lease.as_mut(), attempt, wait)? {
-            Attempted::Ended(code) => {
+        let back_off = match run.attempt(lease.as_mut(), attempt, wait) {
+            Err(e) => {
+                release(lease);
+                return Err(e);
+            }
+            Ok(Attempted::Ended(code)) => {
                 release(lease);
                 return Ok(code);
             }
-            Attempted::LeaseGone(code) => return Ok(code),
-            Attempted::Retry(back_off) => back_off,
+            Ok(Attempted::LeaseGone(code)) => return Ok(code),
+            Ok(Attempted::Retry(back_off)) => back_off,
         };
         // The seats were freed when the command ended: others use them meanwhile.
         if let Err(sig) = retry::sleep(control, back_off)? {
