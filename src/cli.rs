@@ -78,8 +78,13 @@ pub struct StatusArgs {
     pub channels: Vec<String>,
 
     /// Print JSON (`{"version": 1, "channels": [...]}`) instead of a table
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
+
+    /// Print metrics in Prometheus' text exposition format (for node_exporter's textfile
+    /// collector, or a scrape)
+    #[arg(long)]
+    pub prometheus: bool,
 }
 
 #[derive(Debug, Args)]
@@ -161,6 +166,20 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub collect: Box<CollectArgs>,
+
+    /// Refuse to start (exit 77) once the channel's runs have cost USD this UTC day, as
+    /// the model CLI reports its cost
+    #[arg(long, value_name = "USD", value_parser = crate::spend::parse_usd)]
+    pub budget: Option<f64>,
+
+    /// As --budget, for the runs of every channel of the pools this run names
+    #[arg(long, value_name = "USD", value_parser = crate::spend::parse_usd, requires = "pools")]
+    pub pool_budget: Option<f64>,
+
+    /// Run again, up to N times, when the profile reads an overloaded, rate-limited or
+    /// 5xx API, after a back-off; the channel stays held
+    #[arg(long, value_name = "N", requires = "profile", conflicts_with = "no_session", value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub retry: Option<u32>,
 
     /// The command and its arguments
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]

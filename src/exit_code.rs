@@ -39,6 +39,9 @@ pub enum ExitCode {
     /// The store lost the channel's lock while the command ran (PostgreSQL store): the
     /// command was stopped, or its result was not recorded.
     LockLost,
+    /// `--budget` / `--pool-budget`: today's spending reached the cap (`EX_NOPERM`):
+    /// nothing ran.
+    OverBudget,
 }
 
 impl ExitCode {
@@ -71,6 +74,7 @@ impl ExitCode {
             ExitCode::Signal(sig) => (128 + sig).clamp(0, 255) as u8,
             ExitCode::LockLost => 122,
             ExitCode::Unavailable => 69,
+            ExitCode::OverBudget => 77,
         }
     }
 }

@@ -39,6 +39,12 @@ pub struct Entry {
     /// The command, for a run whose chan-run died (its holder record named it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// Which attempt of a `--retry` run this was (1 is the first); absent without retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// What the run reported spending: `cost_usd`, `usage`, `num_turns`, `model_usage`.
+    #[serde(flatten)]
+    pub spent: crate::spend::RunUsage,
 }
 
 /// The entries in `text` (one JSON object per line), newest first, at most `n`.

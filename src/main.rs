@@ -14,6 +14,7 @@ mod procfs;
 mod profile;
 mod pump;
 mod session;
+mod spend;
 mod state;
 mod store;
 mod supervise;

@@ -27,6 +27,7 @@ mod postgres_pools;
 mod profiles;
 mod sessions;
 mod signals;
+mod spend;
 mod state;
 mod status;
 mod terminal;

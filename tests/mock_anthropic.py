@@ -3,14 +3,20 @@
 
 Usage: mock_anthropic.py DIR. Listens on 127.0.0.1 (a free port), writes the port to
 DIR/port once it listens, appends one JSON line per POST to DIR/requests.jsonl
-({"path", "n_messages", "user_texts"}), and answers each POST as DIR/mode says at that
-moment (read per request; missing = ok):
+({"path", "n_messages", "user_texts", "t" (seconds since the epoch), "answer"}), and
+answers each POST as DIR/mode says at that moment (read per request; missing = ok):
 
   ok      a streamed answer (message_start, content_block_start, content_block_delta,
           content_block_stop, message_delta, message_stop) saying "turn N: <last text>"
   529     HTTP 529 overloaded_error
   429     HTTP 429 rate_limit_error, with anthropic-ratelimit reset headers
   hang    message_start, then nothing until the client goes away
+  529*K   (or 429*K) the next K requests as 529 (429), then ok; writing the mode again
+          starts a new count
+  529@S   (or 429@S) 529 (429) until S seconds after the mode file was written, then ok
+
+DIR/output_tokens, if present, is the answer's output token count (default 5): claude
+computes the run's cost from it (opus: $25 per million).
 
 `HEAD /` (the client's reachability probe) answers 200. Python 3 standard library only.
 """
@@ -24,14 +30,35 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DIR = sys.argv[1]
 LOCK = threading.Lock()
+# Requests answered per "CODE*K" mode, by the mode file's text and modification time.
+COUNTS = {}
 
 
 def mode():
     try:
-        with open(os.path.join(DIR, "mode")) as f:
-            return f.read().strip() or "ok"
+        path = os.path.join(DIR, "mode")
+        with open(path) as f:
+            text = f.read().strip() or "ok"
+        stamp = os.stat(path).st_mtime_ns
     except FileNotFoundError:
         return "ok"
+    if "@" in text:
+        code, secs = text.split("@", 1)
+        return code if time.time() < stamp / 1e9 + float(secs) else "ok"
+    if "*" not in text:
+        return text
+    code, k = text.split("*", 1)
+    key = (text, stamp)
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    return code if COUNTS[key] <= int(k) else "ok"
+
+
+def output_tokens():
+    try:
+        with open(os.path.join(DIR, "output_tokens")) as f:
+            return int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        return 5
 
 
 def texts(content):
@@ -57,8 +84,9 @@ class Handler(BaseHTTPRequestHandler):
         messages = body.get("messages", [])
         user = [" ".join(texts(m.get("content", []))) for m in messages if m.get("role") == "user"]
         with LOCK, open(os.path.join(DIR, "requests.jsonl"), "a") as log:
-            log.write(json.dumps({"path": self.path, "n_messages": len(messages), "user_texts": user}) + "\n")
-        m = mode()
+            m = mode()
+            log.write(json.dumps({"path": self.path, "n_messages": len(messages), "user_texts": user,
+                                  "t": time.time(), "answer": m}) + "\n")
         if m in ("529", "429"):
             kind = "overloaded_error" if m == "529" else "rate_limit_error"
             payload = json.dumps({"type": "error", "error": {"type": kind, "message": kind}}).encode()
@@ -98,7 +126,7 @@ class Handler(BaseHTTPRequestHandler):
         self.event("content_block_stop", {"type": "content_block_stop", "index": 0})
         self.event("message_delta", {"type": "message_delta",
                                      "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                     "usage": {"output_tokens": 5}})
+                                     "usage": {"output_tokens": output_tokens()}})
         self.event("message_stop", {"type": "message_stop"})
 
     def event(self, name, data):

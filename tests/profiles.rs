@@ -16,7 +16,7 @@ const UNKNOWN: &str = "3f1c2b9e-1111-4222-8333-444455556666";
 
 /// The real claude, if this machine has it: `CHAN_RUN_TEST_CLAUDE`, else where
 /// `scripts/install-model-clis` puts it by default.
-fn real_claude() -> Option<PathBuf> {
+pub(crate) fn real_claude() -> Option<PathBuf> {
     let cached = std::env::var_os("HOME")
         .map(|home| Path::new(&home).join(".cache/chan-run/model-clis/node_modules/.bin/claude"));
     let found = std::env::var_os("CHAN_RUN_TEST_CLAUDE").map(PathBuf::from).or(cached).filter(|p| p.exists());
@@ -29,13 +29,13 @@ fn real_claude() -> Option<PathBuf> {
 }
 
 /// The project's mock of the Anthropic Messages API, on a loopback port.
-struct Mock {
+pub(crate) struct Mock {
     dir: PathBuf,
     child: Child,
 }
 
 impl Mock {
-    fn start(env: &TestEnv) -> Mock {
+    pub(crate) fn start(env: &TestEnv) -> Mock {
         let dir = env.root().join("mock");
         std::fs::create_dir(&dir).unwrap();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mock_anthropic.py");
@@ -44,17 +44,22 @@ impl Mock {
         Mock { dir, child }
     }
 
+    /// The answers' output token count, hence their cost (see the mock's doc).
+    pub(crate) fn output_tokens(&self, n: u64) {
+        std::fs::write(self.dir.join("output_tokens"), n.to_string()).unwrap();
+    }
+
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", std::fs::read_to_string(self.dir.join("port")).unwrap())
     }
 
     /// How the next requests are answered: `ok`, `529`, `429` or `hang`.
-    fn answer(&self, mode: &str) {
+    pub(crate) fn answer(&self, mode: &str) {
         std::fs::write(self.dir.join("mode"), mode).unwrap();
     }
 
-    /// Every request seen so far: `{"path", "n_messages", "user_texts"}`.
-    fn requests(&self) -> Vec<Value> {
+    /// Every request seen so far: `{"path", "n_messages", "user_texts", "t", "answer"}`.
+    pub(crate) fn requests(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(self.dir.join("requests.jsonl")).unwrap_or_default();
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
@@ -87,7 +92,7 @@ fn claude_run(
     claude_cmd(env, mock, claude, opts, &["-p", prompt, "--output-format", "json"]).output().unwrap()
 }
 
-fn claude_cmd(env: &TestEnv, mock: &Mock, claude: &Path, opts: &[&str], args: &[&str]) -> Command {
+pub(crate) fn claude_cmd(env: &TestEnv, mock: &Mock, claude: &Path, opts: &[&str], args: &[&str]) -> Command {
     let mut command: Vec<&str> = vec![claude.to_str().unwrap()];
     command.extend(args);
     let mut opts = opts.to_vec();

@@ -20,7 +20,7 @@ pub fn history(store: Option<&dyn Store>, args: HistoryArgs) -> anyhow::Result<E
     } else if entries.is_empty() {
         out.push_str(&format!("no runs recorded for channel {channel}\n"));
     } else {
-        let rows: Vec<[String; 5]> = entries
+        let rows: Vec<[String; 6]> = entries
             .iter()
             .map(|e| {
                 let named = crate::state::named(e.outcome, e.kind, e.api_status);
@@ -40,12 +40,13 @@ pub fn history(store: Option<&dyn Store>, args: HistoryArgs) -> anyhow::Result<E
                     e.started_at.clone(),
                     crate::duration::short(std::time::Duration::from_millis(e.duration_ms)),
                     ended,
+                    e.spent.cost_usd.map_or_else(|| "-".to_owned(), crate::spend::shown),
                     e.pid.to_string(),
                     session,
                 ]
             })
             .collect();
-        out = crate::ui::table(["STARTED", "TOOK", "ENDED", "PID", "SESSION"], None, &rows);
+        out = crate::ui::table(["STARTED", "TOOK", "ENDED", "COST", "PID", "SESSION"], None, &rows);
     }
     crate::ui::write_out(&out)?;
     Ok(ExitCode::OK)

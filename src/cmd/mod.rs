@@ -2,12 +2,16 @@
 //! and what `run` and `reset` share: queueing for a channel as `-n`/`-w`/`-E` say, with
 //! the waiting line on a terminal.
 
+mod budget;
 mod collect;
+mod cooldown;
 pub mod gc;
 mod held;
 pub mod history;
+mod metrics;
 mod outcome;
 pub mod reset;
+mod retry;
 pub mod run;
 pub mod status;
 

@@ -85,6 +85,8 @@ impl Outcome {
             session_note,
             messages: last_run.extra.get("messages").and_then(|v| v.as_u64()),
             command: None,
+            attempt: last_run.extra.get("attempt").and_then(|v| v.as_u64()).map(|a| a as u32),
+            spent: crate::spend::RunUsage::from_extra(&last_run.extra),
         }
     }
 }
@@ -114,6 +116,8 @@ pub fn died_entry(dead: &DeadRun, record: &ChannelRecord) -> Entry {
         session_note: None,
         messages: None,
         command: Some(dead.command.clone()),
+        attempt: None,
+        spent: Default::default(),
     }
 }
 

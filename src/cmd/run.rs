@@ -2,6 +2,7 @@
 //! holding the lock, record the run, release, and exit with the command's status.
 
 use super::outcome::{self, Outcome};
+use super::retry;
 use crate::channel::Channel;
 use crate::cli::RunArgs;
 use crate::control::Control;
@@ -9,7 +10,7 @@ use crate::exit_code::ExitCode;
 use crate::profile::{OnStale, Reading};
 use crate::session;
 use crate::state::{ChannelRecord, Kind, LastRun, RunResult};
-use crate::store::{Holder, Lease, RecordError, Store};
+use crate::store::{Holder, Lease, RecordError, Store, Wait};
 use crate::supervise::{self, Ending, Finished, Plan};
 use crate::ui;
 use std::ffi::OsString;
@@ -21,6 +22,7 @@ const RETURN_SLACK: Duration = Duration::from_secs(1);
 pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
     check_profile(&args)?;
+    super::budget::refuse_unsupported(store, &args)?;
     let store_id = store.id();
     super::held::refuse_self_deadlock(&store_id, &channel)?;
     let mut pools = crate::pool::in_taking_order(args.pools.clone()).map_err(anyhow::Error::msg)?;
@@ -38,102 +40,237 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
         return Ok(code);
     }
     let batch = super::collect::gather(lease.as_mut(), collect.as_ref())?;
-    let stdin = batch.as_ref().map(|b| &b.stdin);
-    let held_pools: Vec<&str> = pools.iter().map(|p| p.name()).collect();
-    let record = match lease.record() {
-        Ok(record) => record,
-        Err(RecordError::Interrupted(sig)) => return Ok(ExitCode::Signal(sig)),
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!("cannot read channel {channel}'s record")));
-        }
+    let run = Run {
+        store,
+        store_id: &store_id,
+        channel: &channel,
+        pools: &pools,
+        args: &args,
+        control,
+        batch: batch.as_ref(),
     };
-    super::record_dead_run(lease.as_mut(), &channel, &record, args.quiet);
-    let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
-    let session = session_to_pass(&channel, &record, &args, cwd.as_deref());
-    let command = with_session(&args, session.as_deref());
-    let started_at = SystemTime::now();
-    let env = command_env(store, &store_id, &channel, &held_pools, session.as_deref(), lease.fence());
-    let mut finished =
-        execute(lease.as_mut(), &args, args.timeout, &command, env, started_at, control, stdin);
-    let mut reading = read(&args, &mut finished);
-
-    // A session the model no longer knows: once more at once, without it, still holding
-    // the channel.
-    let mut session_note = None;
-    if let (Some(stale), Some(Kind::StaleSession)) = (&session, reading.kind)
-        && on_stale(&args) == OnStale::Fresh
-        && matches!(finished.ending, Ending::Ran { stop: None, .. })
-    {
-        if !args.quiet {
-            ui::say(format_args!(
-                "channel {channel}: the model no longer knows session {stale}; running again with a fresh session"
-            ));
-        }
-        session_note = Some(format!("stale session {stale} replaced"));
-        let env = command_env(store, &store_id, &channel, &held_pools, None, lease.fence());
-        // What is left of the time limit: the run still ends within SPEC's bound.
-        let timeout = match args.timeout.is_zero() {
-            true => Duration::ZERO,
-            false => args.timeout.saturating_sub(finished.duration).max(Duration::from_millis(1)),
+    let mut attempt = 1;
+    loop {
+        // -n/-w bound the first wait; a retry's waits are bounded by the back-off.
+        let wait = if attempt == 1 { wait } else { Wait::Forever };
+        let back_off = match run.attempt(lease.as_mut(), attempt, wait) {
+            Err(e) => {
+                release(lease);
+                return Err(e);
+            }
+            Ok(Attempted::Ended(code)) => {
+                // The callers a --collect batch took learn its outcome.
+                super::collect::settle(lease.as_mut(), batch.as_ref(), code);
+                release(lease);
+                return Ok(code);
+            }
+            Ok(Attempted::LeaseGone(code)) => return Ok(code),
+            Ok(Attempted::Retry(back_off)) => back_off,
         };
-        finished = execute(lease.as_mut(), &args, timeout, &args.command, env, started_at, control, stdin);
-        reading = read(&args, &mut finished);
+        // The seats were freed when the command ended: others use them meanwhile.
+        if let Err(sig) = retry::sleep(control, back_off)? {
+            release(lease);
+            return Ok(ExitCode::Signal(sig));
+        }
+        let seats =
+            super::take_seats(lease.as_mut(), &pools, &args.wait, Wait::Forever, args.quiet, control)?;
+        if let Err(code) = seats {
+            release(lease);
+            return Ok(code);
+        }
+        attempt += 1;
     }
-    lease.free_seats();
-    let command = if session_note.is_some() { args.command.clone() } else { command };
+}
 
-    let outcome = Outcome::of(&finished, &channel, &command[0], args.timeout, started_at);
-    if let Some((message, quiet_silences)) = &outcome.message
-        && !(args.quiet && *quiet_silences)
-    {
-        ui::say(message);
-    }
-    let Some(mut last_run) = outcome.last_run else {
-        release(lease);
-        return Ok(outcome.code);
-    };
-    name_the_ending(&mut last_run, reading, &args, &channel, session.as_deref());
-    if let Some(batch) = &batch {
-        last_run.extra.insert("messages".into(), batch.messages.into());
-    }
-    let new_session = session_from_output(&mut finished, &args, &channel, &command[0], &mut last_run);
-    let result = RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
-    let stale_replaced = session_note.is_some();
-    let mut change = |r: &mut ChannelRecord| {
-        if stale_replaced {
-            r.forget_session();
+/// What one run holds on to across its attempts.
+struct Run<'a> {
+    store: &'a dyn Store,
+    store_id: &'a str,
+    channel: &'a Channel,
+    pools: &'a [crate::pool::Pool],
+    args: &'a RunArgs,
+    control: &'static Control,
+    /// The messages of a `--collect` batch, on the command's stdin at every attempt.
+    batch: Option<&'a super::collect::Batch>,
+}
+
+/// How an attempt ended.
+enum Attempted {
+    /// Done: release the lease and exit with this.
+    Ended(ExitCode),
+    /// Done, and the lease is not this run's to release any more.
+    LeaseGone(ExitCode),
+    /// A transient failure with `--retry` attempts left: back off this long (holding
+    /// the channel), then attempt again.
+    Retry(Duration),
+}
+
+impl Run<'_> {
+    /// One attempt, holding the channel (and the seats): read the record, check the
+    /// budgets, run the command (again at once, fresh, if its session is stale), record
+    /// it, and say whether to retry.
+    fn attempt(&self, lease: &mut dyn Lease, attempt: u32, wait: Wait) -> anyhow::Result<Attempted> {
+        let Run { store, store_id, channel, pools, args, control, batch } = *self;
+        let stdin = batch.map(|b| &b.stdin);
+        let held_pools: Vec<&str> = pools.iter().map(|p| p.name()).collect();
+        let record = match lease.record() {
+            Ok(record) => record,
+            Err(RecordError::Interrupted(sig)) => return Ok(Attempted::LeaseGone(ExitCode::Signal(sig))),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("cannot read channel {channel}'s record")));
+            }
+        };
+        super::record_dead_run(lease, channel, &record, args.quiet);
+        let cooling = store.keeps_pool_ledgers() && !pools.is_empty();
+        if cooling {
+            match super::cooldown::wait_out(lease, pools, channel.name(), wait, control, args.quiet)? {
+                Ok(()) => {}
+                Err(None) => return Ok(Attempted::Ended(ExitCode::Busy(args.wait.conflict_exit_code))),
+                Err(Some(sig)) => return Ok(Attempted::Ended(ExitCode::Signal(sig))),
+            }
         }
-        r.apply(result.clone());
-    };
-    // Dropped by --fresh-after: the record as this run will leave it says.
-    let mut after = record.clone();
-    change(&mut after);
-    if !stale_replaced && record.session_id.is_some() && after.session_id.is_none() {
-        if !args.quiet {
-            ui::say(format_args!(
-                "channel {channel}: dropped its session after {} failures in a row (--fresh-after); its next run starts a fresh conversation",
-                after.failures_in_a_row
-            ));
+        if let Some(line) = super::budget::spent(lease, &record, args, channel, pools, SystemTime::now())? {
+            ui::say(line);
+            return Ok(Attempted::Ended(ExitCode::OverBudget));
         }
-        session_note = Some(format!("session dropped by --fresh-after {}", args.fresh_after.unwrap_or(0)));
+        let cwd = std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned());
+        let session = session_to_pass(channel, &record, args, cwd.as_deref());
+        let command = with_session(args, session.as_deref());
+        let started_at = SystemTime::now();
+        let env = command_env(store, store_id, channel, &held_pools, session.as_deref(), lease.fence());
+        let env = retry::bound_cli_retries(args, env);
+        let mut finished = execute(lease, args, args.timeout, &command, env, started_at, control, stdin);
+        let mut reading = read(args, &mut finished);
+
+        // A session the model no longer knows: once more at once, without it, still holding
+        // the channel.
+        let mut session_note = None;
+        if let (Some(stale), Some(Kind::StaleSession)) = (&session, reading.kind)
+            && on_stale(args) == OnStale::Fresh
+            && matches!(finished.ending, Ending::Ran { stop: None, .. })
+        {
+            if !args.quiet {
+                ui::say(format_args!(
+                    "channel {channel}: the model no longer knows session {stale}; running again with a fresh session"
+                ));
+            }
+            session_note = Some(format!("stale session {stale} replaced"));
+            let env = command_env(store, store_id, channel, &held_pools, None, lease.fence());
+            let env = retry::bound_cli_retries(args, env);
+            // What is left of the time limit: the run still ends within SPEC's bound.
+            let timeout = match args.timeout.is_zero() {
+                true => Duration::ZERO,
+                false => args.timeout.saturating_sub(finished.duration).max(Duration::from_millis(1)),
+            };
+            finished = execute(lease, args, timeout, &args.command, env, started_at, control, stdin);
+            reading = read(args, &mut finished);
+        }
+        let spent = {
+            let (tail, whole) = finished.stdout.contents();
+            crate::spend::read(tail, whole)
+        };
+        let command = if session_note.is_some() { args.command.clone() } else { command };
+
+        let outcome = Outcome::of(&finished, channel, &command[0], args.timeout, started_at);
+        if let Some((message, quiet_silences)) = &outcome.message
+            && !(args.quiet && *quiet_silences)
+        {
+            ui::say(message);
+        }
+        let Some(mut last_run) = outcome.last_run else {
+            return Ok(Attempted::Ended(outcome.code));
+        };
+        name_the_ending(&mut last_run, reading, args, channel, session.as_deref());
+        if let Some(batch) = batch {
+            last_run.extra.insert("messages".into(), batch.messages.into());
+        }
+        // The pools' ledgers learn of the run while it still holds its seats (and the
+        // probe's lock, if it tried the API after a cool-down).
+        super::budget::charge_pools(store, lease, pools, spent.cost_usd);
+        if cooling {
+            super::cooldown::on_ending(lease, pools, channel.name(), &last_run);
+        }
+        lease.free_seats();
+        spent.put(&mut last_run.extra);
+        if args.retry.is_some_and(|n| n > 0) {
+            last_run.extra.insert("attempt".into(), attempt.into());
+        }
+        let new_session = session_from_output(&mut finished, args, channel, &command[0], &mut last_run);
+        let result =
+            RunResult { last_run: last_run.clone(), new_session, cwd, fresh_after: args.fresh_after };
+        let stale_replaced = session_note.is_some();
+        let kind = last_run.kind.map_or("failed", Kind::as_str);
+        let mut change = |r: &mut ChannelRecord| {
+            if stale_replaced {
+                r.forget_session();
+            }
+            r.apply(result.clone());
+            crate::spend::charge(&mut r.extra, spent.cost_usd, kind, SystemTime::now());
+        };
+        // Dropped by --fresh-after: the record as this run will leave it says.
+        let mut after = record.clone();
+        change(&mut after);
+        if !stale_replaced && record.session_id.is_some() && after.session_id.is_none() {
+            if !args.quiet {
+                ui::say(format_args!(
+                    "channel {channel}: dropped its session after {} failures in a row (--fresh-after); its next run starts a fresh conversation",
+                    after.failures_in_a_row
+                ));
+            }
+            session_note =
+                Some(format!("session dropped by --fresh-after {}", args.fresh_after.unwrap_or(0)));
+        }
+        // Recorded before the lock is released.
+        let mut entry = |after: &ChannelRecord| {
+            Outcome::entry(&last_run, record.session_id.clone(), after, session_note.clone())
+        };
+        let (recorded, logged) = lease.record_run(&mut change, &mut entry);
+        if let Err(e) = logged {
+            ui::warn(format!("the run was not added to the channel's history ({e:#})"));
+        }
+        let code = match recorded.map_err(|e| not_recorded(e, channel, &finished)) {
+            Ok(()) | Err(None) => outcome.code,
+            // The lock is no longer this run's to release.
+            Err(Some(ExitCode::LockLost)) => return Ok(Attempted::LeaseGone(ExitCode::LockLost)),
+            Err(Some(code)) => code,
+        };
+        Ok(self.next(&last_run, attempt, code))
     }
-    // Recorded before the lock is released.
-    let mut entry = |after: &ChannelRecord| {
-        Outcome::entry(&last_run, record.session_id.clone(), after, session_note.clone())
-    };
-    let (recorded, logged) = lease.record_run(&mut change, &mut entry);
-    if let Err(e) = logged {
-        ui::warn(format!("the run was not added to the channel's history ({e:#})"));
+
+    /// After a recorded attempt: another one, if `--retry` says so and the ending was
+    /// transient.
+    fn next(&self, last_run: &LastRun, attempt: u32, code: ExitCode) -> Attempted {
+        let (args, channel) = (self.args, self.channel);
+        let left = args.retry.unwrap_or(0).saturating_sub(attempt - 1);
+        if left == 0 || code == ExitCode::OK || !retry::transient(last_run) {
+            return Attempted::Ended(code);
+        }
+        let resets_at = last_run.extra.get("resets_at").and_then(|v| v.as_str());
+        let what = retry::what(last_run);
+        match retry::back_off(attempt + 1, resets_at, SystemTime::now()) {
+            retry::BackOff::Wait(d) => {
+                if !args.quiet {
+                    let total = args.retry.unwrap_or(0) + 1;
+                    ui::say(format_args!(
+                        "channel {channel}: the model's API answered {what}; attempt {} of {total} in {}",
+                        attempt + 1,
+                        crate::duration::short(d)
+                    ));
+                }
+                Attempted::Retry(d)
+            }
+            retry::BackOff::TooFar(at) => {
+                if !args.quiet {
+                    ui::say(format_args!(
+                        "channel {channel}: the model's API answered {what}, resetting at {}: more than {} away, so no retry",
+                        humantime::format_rfc3339_seconds(at),
+                        crate::duration::short(retry::MAX_RESET_WAIT)
+                    ));
+                }
+                Attempted::Ended(code)
+            }
+        }
     }
-    let code = match recorded.map_err(|e| not_recorded(e, &channel, &finished)) {
-        Ok(()) | Err(None) => outcome.code,
-        // The lock is no longer this run's to release.
-        Err(Some(ExitCode::LockLost)) => return Ok(ExitCode::LockLost),
-        Err(Some(code)) => code,
-    };
-    super::collect::settle(lease.as_mut(), batch.as_ref(), code);
-    release(lease);
-    Ok(code)
 }
 
 /// A profile that cannot pass a session to this command is refused before anything runs.
@@ -232,7 +369,11 @@ fn execute(
         kill_after: args.kill_after,
         pid_field: lease.pid_field(),
         lost_grace: lease.lost_grace(),
-        tail_cap: if args.no_session { 0 } else { supervise::TAIL_CAP },
+        // The tail also holds what the run spent: kept for a budget.
+        tail_cap: match args.no_session && args.budget.is_none() && args.pool_budget.is_none() {
+            true => 0,
+            false => supervise::TAIL_CAP,
+        },
         stdin: stdin.cloned(),
     };
     supervise::run(plan, control, &mut |pid| lease.command_started(pid, crate::procfs::now_ticks()))

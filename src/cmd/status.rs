@@ -5,7 +5,8 @@
 use crate::channel::Channel;
 use crate::cli::StatusArgs;
 use crate::exit_code::ExitCode;
-use crate::store::{ChannelStatus, PoolStatus, Store};
+use crate::spend;
+use crate::store::{ChannelStatus, PoolLedger, PoolStatus, Store};
 use crate::ui::write_out;
 use serde_json::json;
 use std::time::{Duration, SystemTime};
@@ -23,6 +24,10 @@ pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<Exi
         Some(store) => store.pools(&[])?,
         None => Vec::new(),
     };
+    let ledgers = match store {
+        Some(store) => store.pool_ledgers(&[])?,
+        None => Vec::new(),
+    };
     // Named channels: only the pools they hold or wait for a seat in.
     if !only.is_empty() {
         pools.retain(|p| {
@@ -32,22 +37,36 @@ pub fn status(store: Option<&dyn Store>, args: StatusArgs) -> anyhow::Result<Exi
                 .any(|s| channels.iter().any(|c| s.channel.as_deref() == Some(&c.channel)))
         });
     }
+    // Pools the status knows only by their ledger (nobody holds or waits for a seat).
+    if only.is_empty() {
+        for l in &ledgers {
+            if !pools.iter().any(|p| p.pool == l.pool) {
+                pools.push(PoolStatus { pool: l.pool.clone(), ..Default::default() });
+            }
+        }
+    }
     for w in &warnings {
         crate::ui::warn(w);
     }
+    let now = SystemTime::now();
+    if args.prometheus {
+        write_out(&super::metrics::exposition(&channels, &pools, &ledgers, now))?;
+        return Ok(ExitCode::OK);
+    }
     if args.json {
-        let list: Vec<_> = channels.iter().map(|c| to_json(c, waiting_for(c, &pools))).collect();
-        let pool_list: Vec<_> = pools.iter().map(pool_json).collect();
+        let list: Vec<_> = channels.iter().map(|c| to_json(c, waiting_for(c, &pools), now)).collect();
+        let pool_list: Vec<_> = pools.iter().map(|p| pool_json(p, ledger_of(p, &ledgers), now)).collect();
         let text = serde_json::to_string_pretty(
             &json!({"version": 1, "channels": list, "pools": pool_list, "warnings": warnings}),
         )?;
         write_out(&format!("{text}\n"))?;
     } else {
-        let mut out = table(&channels, &pools, SystemTime::now());
+        let mut out = table(&channels, &pools, now);
         if !pools.is_empty() {
             out.push('\n');
-            out.push_str(&pool_table(&pools, SystemTime::now()));
+            out.push_str(&pool_table(&pools, now));
         }
+        out.push_str(&spend_lines(&channels, &pools, &ledgers, now));
         write_out(&out)?;
     }
     Ok(ExitCode::OK)
@@ -70,7 +89,13 @@ fn state(c: &ChannelStatus, waiting: Option<&str>) -> &'static str {
     }
 }
 
-fn pool_json(p: &PoolStatus) -> serde_json::Value {
+fn ledger_of<'a>(p: &PoolStatus, ledgers: &'a [PoolLedger]) -> Option<&'a PoolLedger> {
+    ledgers.iter().find(|l| l.pool == p.pool)
+}
+
+fn pool_json(p: &PoolStatus, ledger: Option<&PoolLedger>, now: SystemTime) -> serde_json::Value {
+    let fields = ledger.map(|l| l.fields.clone()).unwrap_or_default();
+    let spent = spend::totals(&fields, now);
     json!({
         "pool": p.pool,
         "seats": p.seats,
@@ -78,11 +103,56 @@ fn pool_json(p: &PoolStatus) -> serde_json::Value {
         "holders": p.holders,
         "waiting": p.queue.len(),
         "queue": p.queue,
+        "cost_usd_today": spent.today_usd,
+        "cost_usd_total": spent.total_usd,
+        "cool_down": super::cooldown::active(&fields, now),
     })
 }
 
-fn to_json(c: &ChannelStatus, waiting: Option<&str>) -> serde_json::Value {
+/// Below the tables: what each channel and pool spent today (UTC) and in all, when any
+/// run reported a cost, and the pools cooling down.
+fn spend_lines(
+    channels: &[ChannelStatus],
+    pools: &[PoolStatus],
+    ledgers: &[PoolLedger],
+    now: SystemTime,
+) -> String {
+    let mut rows: Vec<[String; 3]> = Vec::new();
+    for c in channels {
+        let record = c.record.clone().unwrap_or_default();
+        let t = spend::totals(&record.extra, now);
+        if t.total_usd > 0.0 {
+            rows.push([c.channel.clone(), spend::shown(t.today_usd), spend::shown(t.total_usd)]);
+        }
+    }
+    let mut cooling = String::new();
+    for p in pools {
+        let fields = ledger_of(p, ledgers).map(|l| l.fields.clone()).unwrap_or_default();
+        let t = spend::totals(&fields, now);
+        if t.total_usd > 0.0 {
+            rows.push([format!("pool {}", p.pool), spend::shown(t.today_usd), spend::shown(t.total_usd)]);
+        }
+        if let Some(line) = super::cooldown::describe(&p.pool, &fields, now) {
+            cooling.push_str(&line);
+            cooling.push('\n');
+        }
+    }
+    let mut out = String::new();
+    if !rows.is_empty() {
+        out.push('\n');
+        let today = format!("TODAY ({} UTC)", spend::day(now));
+        out.push_str(&crate::ui::table(["SPENT BY", &today, "IN ALL"], Some([40, 24, 14]), &rows));
+    }
+    if !cooling.is_empty() {
+        out.push('\n');
+        out.push_str(&cooling);
+    }
+    out
+}
+
+fn to_json(c: &ChannelStatus, waiting: Option<&str>, now: SystemTime) -> serde_json::Value {
     let record = c.record.clone().unwrap_or_default();
+    let spent = spend::totals(&record.extra, now);
     json!({
         "channel": c.channel,
         "state": state(c, waiting),
@@ -95,6 +165,9 @@ fn to_json(c: &ChannelStatus, waiting: Option<&str>) -> serde_json::Value {
         "runs": record.runs,
         "failures_in_a_row": record.failures_in_a_row,
         "last_run": record.last_run,
+        "cost_usd_today": spent.today_usd,
+        "cost_usd_total": spent.total_usd,
+        "runs_by_kind": spent.runs_by_kind,
     })
 }
 

@@ -155,6 +155,18 @@ pub struct SeatView {
     pub seats: Option<u32>,
 }
 
+/// A pool's ledger, as `status` shows it: what its runs spent (`cost_usd_total`,
+/// `cost_today: {"day", "usd"}`) and its cool-down (`cool_down`), as spend.rs and
+/// cmd/cooldown.rs keep them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolLedger {
+    pub pool: String,
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a store without pool ledgers says to a run that needs one.
+pub const NO_LEDGERS: &str = "is not supported with --store postgres:// yet (pool ledgers are kept on the local store only); drop it or use --state-dir";
+
 /// One channel (or pool) `gc` looked at.
 #[derive(Clone, Debug)]
 pub struct GcItem {
@@ -198,6 +210,18 @@ pub trait Store {
     /// Every known pool (or the ones named): seats held and callers waiting, read the
     /// way `status` reads channels (nothing taken or joined).
     fn pools(&self, only: &[Channel]) -> anyhow::Result<Vec<PoolStatus>>;
+
+    /// Whether this store keeps pool ledgers (`--pool-budget`, a pool's cool-down).
+    fn keeps_pool_ledgers(&self) -> bool {
+        false
+    }
+
+    /// The ledgers of every pool (or those named) that has one, read without waiting
+    /// behind a run.
+    fn pool_ledgers(&self, only: &[Channel]) -> anyhow::Result<Vec<PoolLedger>> {
+        let _ = only;
+        Ok(Vec::new())
+    }
 
     /// The channel's newest `n` runs, newest first.
     fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>>;
@@ -283,6 +307,34 @@ pub trait Lease {
     /// The command has ended: frees the run's seats at once (the channel stays held
     /// while the run is recorded), so a pool's next waiter need not wait for that.
     fn free_seats(&mut self) {}
+    /// Changes `pool`'s ledger (see `PoolLedger`) in a serialized read-modify-write and
+    /// returns it as written; an empty change reads it.
+    fn update_pool_ledger(
+        &mut self,
+        pool: &Pool,
+        change: &mut dyn FnMut(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        let _ = (pool, change);
+        anyhow::bail!("a pool's ledger {NO_LEDGERS}")
+    }
+    /// Becomes `pool`'s probe after a cool-down (the one run that tries the API first)
+    /// unless another run is; held until the seats are freed. `Ok(false)`: another
+    /// run probes.
+    fn take_pool_probe(&mut self, pool: &Pool) -> anyhow::Result<bool> {
+        let _ = pool;
+        anyhow::bail!("a pool's cool-down {NO_LEDGERS}")
+    }
+    /// Waits until `pool`'s probe has ended (its outcome is in the ledger then), the
+    /// deadline passes (`Busy`) or a forwarded signal comes.
+    fn wait_pool_probe(
+        &mut self,
+        pool: &Pool,
+        deadline: Option<Instant>,
+        control: &'static Control,
+    ) -> Result<(), AcquireError> {
+        let _ = (pool, deadline, control);
+        Err(AcquireError::Failed(anyhow::anyhow!("a pool's cool-down {NO_LEDGERS}")))
+    }
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
     /// The channel's stored record (a damaged state file is moved aside, with a warning).

@@ -24,6 +24,8 @@ pub struct LocalLease {
     control: &'static Control,
     /// Seats held in pools, freed with the lease.
     seats: Vec<super::pool::SeatHold>,
+    /// Pools whose probe this run is (ledger.rs), freed with the seats.
+    probes: Vec<File>,
     /// The previous holder's record, left behind by a chan-run that died.
     died: Option<lock::HolderRecord>,
     /// `--collect`: this run's batch.
@@ -53,6 +55,7 @@ impl LocalLease {
             hint_written: contents.hint,
             control,
             seats: Vec::new(),
+            probes: Vec::new(),
             died: contents.record,
             collect: None,
         })
@@ -84,7 +87,32 @@ impl Lease for LocalLease {
     }
 
     fn free_seats(&mut self) {
+        self.probes.clear();
         self.seats.clear();
+    }
+
+    fn update_pool_ledger(
+        &mut self,
+        pool: &crate::pool::Pool,
+        change: &mut dyn FnMut(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        super::ledger::update(&self.files.folders, pool, change)
+    }
+
+    fn take_pool_probe(&mut self, pool: &crate::pool::Pool) -> anyhow::Result<bool> {
+        let probe = super::ledger::take_probe(&self.files.folders, pool)?;
+        let taken = probe.is_some();
+        self.probes.extend(probe);
+        Ok(taken)
+    }
+
+    fn wait_pool_probe(
+        &mut self,
+        pool: &crate::pool::Pool,
+        deadline: Option<std::time::Instant>,
+        control: &'static Control,
+    ) -> Result<(), crate::store::AcquireError> {
+        super::ledger::wait_probe(&self.files.folders, pool, deadline, control)
     }
 
     fn command_started(&mut self, pid: u32, ticks: u64) {
@@ -162,6 +190,7 @@ impl Lease for LocalLease {
 
     fn release(mut self: Box<Self>) -> anyhow::Result<()> {
         // The run is over: the pools' next waiters go first.
+        self.probes.clear();
         self.seats.clear();
         let Some(header_len) = self.header_len else { return Ok(()) };
         if self.hint != self.hint_written {

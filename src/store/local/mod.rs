@@ -5,7 +5,8 @@
 //!     <state-dir>/queue/<stem>/       the channel's FIFO queue of tickets (queue.rs), and
 //!                                     `--collect`'s messages and verdict (collect.rs)
 //!     <state-dir>/history/<stem>.log  the channel's runs (history.rs)
-//!     <state-dir>/pools/<stem>/       a pool's seats and queue (pool.rs), made on first use
+//!     <state-dir>/pools/<stem>/       a pool's seats and queue (pool.rs), made on first use,
+//!                                     and its ledger (ledger.rs)
 //!
 //! The state directory is opened once and checked on its descriptor (dir.rs); its
 //! folders and files are reached relative to it, each checked the same way, and one
@@ -21,6 +22,7 @@ mod files;
 mod gc;
 mod history;
 mod lease;
+mod ledger;
 mod lock;
 mod pool;
 mod queue;
@@ -130,6 +132,14 @@ impl Store for LocalStore {
 
     fn pools(&self, only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolStatus>> {
         pool::status(&self.folders, only)
+    }
+
+    fn keeps_pool_ledgers(&self) -> bool {
+        true
+    }
+
+    fn pool_ledgers(&self, only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolLedger>> {
+        pool::ledgers(&self.folders, only)
     }
 
     fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>> {

@@ -466,6 +466,25 @@ pub fn status(folders: &Folders, only: &[Channel]) -> anyhow::Result<Vec<PoolSta
     Ok(stems.iter().filter_map(|stem| observe(pools, stem, held.as_ref())).map(|o| o.status).collect())
 }
 
+/// `Store::pool_ledgers`: the ledger of every pool (or those named) that has one.
+pub fn ledgers(folders: &Folders, only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolLedger>> {
+    let Some(pools) = folders.pools(false)? else { return Ok(Vec::new()) };
+    let stems: Vec<String> = match only {
+        [] => stems(pools),
+        named => named.iter().map(|c| c.stem().to_owned()).collect(),
+    };
+    Ok(stems
+        .iter()
+        .filter_map(|stem| dir::folder(pools, stem, false).ok().flatten())
+        .map(|folder| super::ledger::observe(&folder))
+        .filter(|fields| !fields.is_empty())
+        .filter_map(|fields| {
+            let pool = fields.get("pool")?.as_str()?.to_owned();
+            Some(crate::store::PoolLedger { pool, fields })
+        })
+        .collect())
+}
+
 /// `gc` for pools: removes the folder of each pool nobody holds a seat in or waits for,
 /// whose seats were last taken more than `idle_for` ago. Holding the registration lock
 /// (so no seat is tried meanwhile: see the module doc) and every seat's lock, it
@@ -513,6 +532,8 @@ fn remove(pools: &OwnedFd, seen: &Observed, dry_run: bool) -> Result<(), &'stati
         let _ = rustix::fs::unlinkat(queue.fd(), name, AtFlags::empty());
     }
     queue.remove_tickets();
+    let _ = rustix::fs::unlinkat(queue.fd(), super::ledger::LEDGER, AtFlags::empty());
+    let _ = rustix::fs::unlinkat(queue.fd(), super::ledger::PROBE, AtFlags::empty());
     let _ = rustix::fs::unlinkat(pools, &seen.stem, AtFlags::REMOVEDIR);
     Ok(())
 }
