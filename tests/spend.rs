@@ -305,6 +305,10 @@ for family in text_string_to_metric_families(sys.stdin.read()):
     assert!(parsed.status.success(), "the parser refused:\n{}", text(&out.stdout));
     let parsed = text(&parsed.stdout);
     if parsed.trim() == "NO-PARSER" {
+        assert!(
+            std::env::var_os("CHAN_RUN_REQUIRE_PROMETHEUS").is_none(),
+            "CHAN_RUN_REQUIRE_PROMETHEUS is set, but Python's prometheus_client is not installed"
+        );
         eprintln!(
             "NOTICE: skipped: Python's prometheus_client is not installed (pip install prometheus_client)"
         );
