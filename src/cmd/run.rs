@@ -121,6 +121,9 @@ pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyho
     let mut entry = |after: &ChannelRecord| {
         Outcome::entry(&last_run, record.session_id.clone(), after, session_note.clone())
     };
+    if batch.is_some() {
+        lease.stage_batch(outcome.code.code());
+    }
     let (recorded, logged) = lease.record_run(&mut change, &mut entry);
     if let Err(e) = logged {
         ui::warn(format!("the run was not added to the channel's history ({e:#})"));
