@@ -306,17 +306,6 @@ fn an_interrupted_caller_withdraws_its_message_unless_a_batch_took_it() {
 }
 
 #[test]
-fn the_postgres_store_refuses_collect_for_now() {
-    let Some(server) = pg::server() else { return };
-    let env = TestEnv::with_store(&pg::fresh_store(&server));
-    env.run(&["-c", "pg", "--collect", "--message", "m"], &sh("started ran"))
-        .assert()
-        .code(125)
-        .stderr(predicates::str::contains("--collect is not supported with --store postgres://"));
-    assert!(!env.exists("ran"));
-}
-
-#[test]
 fn the_message_of_a_caller_killed_while_waiting_is_neither_run_nor_kept() {
     let env = TestEnv::new();
     let holder = env.hold("dead", "held", "go");

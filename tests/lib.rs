@@ -20,6 +20,7 @@ mod pg_harness;
 mod pools;
 mod postgres;
 mod postgres_attack;
+mod postgres_collect;
 mod postgres_outage;
 mod postgres_partition;
 mod postgres_pooler;

@@ -224,17 +224,22 @@ impl Run<'_> {
         let mut entry = |after: &ChannelRecord| {
             Outcome::entry(&last_run, record.session_id.clone(), after, session_note.clone())
         };
+        let next = self.next(&last_run, attempt, outcome.code);
+        // A --collect batch's outcome goes with its last attempt's record (in one write
+        // where the store can): the callers it took learn it.
+        if batch.is_some() && !matches!(next, Attempted::Retry(_)) {
+            lease.stage_batch(outcome.code.code());
+        }
         let (recorded, logged) = lease.record_run(&mut change, &mut entry);
         if let Err(e) = logged {
             ui::warn(format!("the run was not added to the channel's history ({e:#})"));
         }
-        let code = match recorded.map_err(|e| not_recorded(e, channel, &finished)) {
-            Ok(()) | Err(None) => outcome.code,
+        match recorded.map_err(|e| not_recorded(e, channel, &finished)) {
+            Ok(()) | Err(None) => Ok(next),
             // The lock is no longer this run's to release.
-            Err(Some(ExitCode::LockLost)) => return Ok(Attempted::LeaseGone(ExitCode::LockLost)),
-            Err(Some(code)) => code,
-        };
-        Ok(self.next(&last_run, attempt, code))
+            Err(Some(ExitCode::LockLost)) => Ok(Attempted::LeaseGone(ExitCode::LockLost)),
+            Err(Some(code)) => Ok(Attempted::Ended(code)),
+        }
     }
 
     /// After a recorded attempt: another one, if `--retry` says so and the ending was

@@ -250,7 +250,7 @@ pub trait Store {
     ) -> Result<Turn, AcquireError> {
         let _ = (channel, wait, control, on_wait, entry);
         Err(anyhow::anyhow!(
-            "--collect is not supported with --store postgres:// yet; use the local store (--state-dir) for collected channels"
+            "--collect is not supported by this store; use the local store (--state-dir) for collected channels"
         )
         .into())
     }
@@ -387,6 +387,12 @@ pub trait Lease {
     fn take_batch(&mut self, max: u32) -> anyhow::Result<Vec<std::sync::Arc<[u8]>>> {
         let _ = max;
         Ok(Vec::new())
+    }
+    /// `--collect`: the batch's outcome (this run's exit code), told before `record_run`,
+    /// so that a store that can writes it in one transaction with the run's record (then
+    /// `settle_batch` has nothing left to do).
+    fn stage_batch(&mut self, code: u8) {
+        let _ = code;
     }
     /// `--collect`: writes the batch's outcome (this run's exit code) for the callers it
     /// took, before the channel is released.

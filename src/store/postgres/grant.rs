@@ -23,9 +23,10 @@
 use super::PgStore;
 use super::conn::{ANSWER_WITHIN, Conn, Fault, pooled};
 use super::heartbeat::{self, STOPS_WITHIN};
-use super::schema::{NS, held_here};
+use super::schema::{NS, UTC_MS, held_here};
 use super::wait::{Gave, Waiting};
 use crate::state::ChannelRecord;
+use crate::store::DeadRun;
 use anyhow::{Context, anyhow};
 use postgres::types::Type;
 use std::time::{Duration, Instant};
@@ -69,6 +70,8 @@ pub struct Granted {
     pub fence: i64,
     pub record: ChannelRecord,
     pub previous: Option<Previous>,
+    /// The previous holder's run, if it had started a command (its lease row names one).
+    pub died: Option<DeadRun>,
     /// When this run's lease row was written (the proof its heartbeat counts from).
     pub proven_at: Option<Instant>,
 }
@@ -80,7 +83,8 @@ impl PgStore {
     pub(super) fn grant(&self, conn: &Conn, id: i32, wait: &Waiting) -> Result<Option<Granted>, Fault> {
         let sql = conn.sql(&format!(
             "WITH old AS (SELECT host, pid, pid_ticks, space, command_pid, spawn_ticks, spawned_ticks, \
-               EXTRACT(EPOCH FROM heartbeat + stops_within - pg_catalog.now())::float8 AS left \
+               EXTRACT(EPOCH FROM heartbeat + stops_within - pg_catalog.now())::float8 AS left, \
+               pg_catalog.to_char(since AT TIME ZONE 'UTC', {UTC_MS}) AS since, command::text AS command \
                FROM {{s}}.chan_run_lease WHERE channel_id = $1), \
              ch AS (UPDATE {{s}}.chan_run_channel c SET fence = pg_catalog.nextval('{{s_lit}}.chan_run_fence') \
                WHERE c.id = $1 AND {} RETURNING c.fence, c.session_id, c.session_cwd, c.runs, c.failures_in_a_row, \
@@ -88,7 +92,7 @@ impl PgStore {
              lease AS ({LEASE_INSERT} SELECT $1, ch.fence, {LEASE_VALUES} FROM ch \
                WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.left > 0) {LEASE_REPLACE}) \
              SELECT ch.*, pg_catalog.pg_backend_pid(), old.host, old.pid, old.pid_ticks, old.space, old.command_pid, \
-               old.spawn_ticks, old.spawned_ticks, old.left FROM ch LEFT JOIN old ON true",
+               old.spawn_ticks, old.spawned_ticks, old.left, old.since, old.command FROM ch LEFT JOIN old ON true",
             held_here("$1"),
         ));
         let (host, pid, ticks) = (self.host.clone(), std::process::id() as i32, own_start_ticks());
@@ -113,6 +117,7 @@ impl PgStore {
         Ok(Some(Granted {
             fence: row.get(0),
             record: record_from(&row)?,
+            died: died_from(&row, previous.as_ref()),
             previous,
             proven_at: (!waits).then_some(sent),
         }))
@@ -226,6 +231,19 @@ fn pidfd_of(pid: u32, ticks: u64) -> Option<rustix::fd::OwnedFd> {
     // Checked after the open: a pid reused before it would show another start.
     let same = crate::procfs::stat(pid).is_some_and(|s| s.start_ticks == ticks && !s.is_dead());
     same.then_some(fd)
+}
+
+/// The run an unclean lease row (columns 16 and 17: since, command) names: a run whose
+/// chan-run died or was cut off before it wrote its record (which ends the row).
+fn died_from(row: &postgres::Row, previous: Option<&Previous>) -> Option<DeadRun> {
+    let previous = previous?;
+    let command: Vec<String> = serde_json::from_str(&row.get::<_, Option<String>>(17)?).ok()?;
+    Some(DeadRun {
+        pid: previous.pid?,
+        started_at: row.get::<_, Option<String>>(16)?,
+        command_pid: row.get::<_, Option<i32>>(12).map(|p| p as u32),
+        command,
+    })
 }
 
 /// The channel's record from the grant's row (columns 1 to 6).

@@ -10,6 +10,7 @@
 //!    run's return-time promise. *Death between*: the record, history and lease end are
 //!    committed or not, together; the lock goes with the connection.
 
+use super::collect::Batch;
 use super::conn::{ANSWER_WITHIN, Conn, pg_error};
 use super::heartbeat::{Beat, Heartbeat, HolderColumns, LOST_GRACE};
 use super::schema::{HISTORY_KEEP, NS};
@@ -22,7 +23,9 @@ use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 /// Step 6's statement: the record under the fence; with `$12`, the lease's end; with
-/// `$10`, the history row (the oldest beyond `$11` dropped).
+/// `$10`, the history row (the oldest beyond `$11` dropped); with `$13`, a `--collect`
+/// batch's outcome for the messages it took (`$14` the runner's pid, `$15` the batch's
+/// size: collect.rs step 6).
 const FINAL_WRITE: &str = "WITH updated AS (UPDATE {s}.chan_run_channel SET session_id = $3, session_cwd = $4, runs = $5, \
              failures_in_a_row = $6, last_run = $7::jsonb, last_finished = $8::timestamptz, extra = $9::jsonb \
              WHERE id = $1 AND fence = $2 RETURNING runs), \
@@ -30,9 +33,12 @@ const FINAL_WRITE: &str = "WITH updated AS (UPDATE {s}.chan_run_channel SET sess
              AND EXISTS (SELECT 1 FROM updated)), \
              added AS (INSERT INTO {s}.chan_run_history (channel_id, run_no, entry) \
              SELECT $1, runs, $10::jsonb FROM updated WHERE $10 IS NOT NULL \
-             ON CONFLICT (channel_id, run_no) DO UPDATE SET entry = EXCLUDED.entry RETURNING run_no), \
+             ON CONFLICT (channel_id, run_no, dead_no) DO UPDATE SET entry = EXCLUDED.entry RETURNING run_no), \
              dropped AS (DELETE FROM {s}.chan_run_history WHERE channel_id = $1 \
-             AND run_no <= (SELECT run_no FROM added) - $11) \
+             AND run_no <= (SELECT run_no FROM added) - $11), \
+             answered AS (UPDATE {s}.chan_run_message SET state = 'answered', code = $13, runner_pid = $14, \
+             messages = $15, touched = pg_catalog.now() WHERE $13 IS NOT NULL AND channel_id = $1 AND fence = $2 \
+             AND state = 'taken' AND EXISTS (SELECT 1 FROM updated)) \
              SELECT pg_catalog.pg_backend_pid() FROM updated";
 
 /// However late the run is, its final write gets this long.
@@ -53,6 +59,10 @@ pub struct PgLease {
     pub ends_by: Option<Instant>,
     /// The final write ended the lease row.
     pub ended: bool,
+    /// The previous holder's run, if its chan-run died holding the channel.
+    pub died: Option<crate::store::DeadRun>,
+    /// `--collect`: this run's batch.
+    pub collect: Option<super::collect::Batch>,
 }
 
 impl PgLease {
@@ -87,9 +97,14 @@ impl PgLease {
         let (id, fence, keep) = (self.id, self.fence, HISTORY_KEEP);
         let (session_id, session_cwd) = (record.session_id.clone(), record.session_cwd.clone());
         let sql = self.conn.sql(FINAL_WRITE);
+        let settles = ends && self.collect.as_ref().is_some_and(|b| b.code.is_some() && !b.taken.is_empty());
+        let (code, runner, messages) = match &self.collect {
+            Some(batch) if settles => batch.verdict(),
+            _ => (None, None, None),
+        };
         let answer =
             self.conn.call(&Waiting::plain(), Some(self.within()), "record the run", move |client| {
-                let params: [(&(dyn postgres::types::ToSql + Sync), Type); 12] = [
+                let params: [(&(dyn postgres::types::ToSql + Sync), Type); 15] = [
                     (&id, Type::INT4),
                     (&fence, Type::INT8),
                     (&session_id, Type::TEXT),
@@ -102,6 +117,9 @@ impl PgLease {
                     (&entry, Type::TEXT),
                     (&keep, Type::INT8),
                     (&ends, Type::BOOL),
+                    (&code, Type::INT4),
+                    (&runner, Type::INT4),
+                    (&messages, Type::INT4),
                 ];
                 match client.query_typed(&sql, &params) {
                     Ok(rows) => Ok(Ok(rows.first().map(|r| r.get::<_, i32>(0)))),
@@ -125,6 +143,9 @@ impl PgLease {
         self.conn.check_backend(backend)?;
         self.record = record;
         self.ended |= ends;
+        if let (true, Some(batch)) = (settles, &mut self.collect) {
+            batch.settled = true;
+        }
         Ok(())
     }
 }
@@ -183,6 +204,70 @@ impl Lease for PgLease {
         entry: &mut dyn FnMut(&ChannelRecord) -> crate::history::Entry,
     ) -> (Result<(), RecordError>, anyhow::Result<()>) {
         (self.write(change, Some(entry)), Ok(()))
+    }
+
+    fn died(&mut self) -> Option<crate::store::DeadRun> {
+        self.died.take()
+    }
+
+    /// The dead run is not counted (as on the local store): its row follows the last
+    /// recorded run's, numbered after the dead runs already there.
+    fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
+        let sql = self.conn.sql(&format!(
+            "INSERT INTO {{s}}.chan_run_history (channel_id, run_no, dead_no, entry) \
+             SELECT $1, c.runs, COALESCE((SELECT pg_catalog.max(h.dead_no) FROM {{s}}.chan_run_history h \
+               WHERE h.channel_id = $1 AND h.run_no = c.runs), 0) + 1, $3::jsonb \
+             FROM {{s}}.chan_run_channel c WHERE c.id = $1 AND c.fence = $2 AND {} RETURNING run_no",
+            super::schema::held_here("$1")
+        ));
+        let (id, fence, entry) = (self.id, self.fence, serde_json::to_string(entry)?);
+        let added =
+            self.conn.call(&Waiting::plain(), Some(self.within()), "add the dead run", move |client| {
+                let params: [(&(dyn postgres::types::ToSql + Sync), Type); 3] =
+                    [(&id, Type::INT4), (&fence, Type::INT8), (&entry, Type::TEXT)];
+                Ok(!client.query_typed(&sql, &params)?.is_empty())
+            })?;
+        if !added {
+            bail!("{}", LockLost(format!("the channel's fence moved past {fence}: another holder took it")));
+        }
+        Ok(())
+    }
+
+    fn collect_window(
+        &mut self,
+        quiet: Duration,
+        max: u32,
+        control: &'static crate::control::Control,
+    ) -> Result<(), crate::store::AcquireError> {
+        match &self.collect {
+            Some(batch) => self.store.quiet_window(self, &batch.fingerprint, quiet, max, control),
+            None => Ok(()),
+        }
+    }
+
+    fn take_batch(&mut self, max: u32) -> anyhow::Result<Vec<std::sync::Arc<[u8]>>> {
+        let Some(mut batch) = self.collect.take() else { return Ok(Vec::new()) };
+        let taken = self.store.take_messages(self, &mut batch, max);
+        self.collect = Some(batch);
+        taken
+    }
+
+    fn stage_batch(&mut self, code: u8) {
+        if let Some(batch) = &mut self.collect {
+            batch.code = Some(code);
+        }
+    }
+
+    fn settle_batch(&mut self, code: u8) -> anyhow::Result<()> {
+        let Some(batch) = &mut self.collect else { return Ok(()) };
+        if batch.settled || batch.taken.is_empty() {
+            return Ok(());
+        }
+        batch.code = Some(code);
+        let batch = self.collect.take().expect("a batch");
+        let settled = self.store.answer_batch(self, &batch);
+        self.collect = Some(Batch { settled: settled.is_ok(), ..batch });
+        settled
     }
 
     fn release(mut self: Box<Self>) -> anyhow::Result<()> {

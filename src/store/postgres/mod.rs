@@ -6,7 +6,8 @@
 //! record and `fence`), `chan_run_lease` (the current or last unclean holder: host,
 //! pids, backend, heartbeat, the bound its command stops within), `chan_run_history`
 //! (the last runs per channel), the sequence `chan_run_fence`, and for pools
-//! `chan_run_pool` and `chan_run_seat` (pool.rs has their protocol).
+//! `chan_run_pool` and `chan_run_seat` (pool.rs has their protocol), and for `--collect`
+//! `chan_run_message` (collect.rs has its protocol).
 //!
 //! # Protocol of one run
 //! Each step's detail, with what a death at that step leaves, sits beside its code.
@@ -28,8 +29,13 @@
 //!
 //! config.rs, conninfo.rs and pgfiles.rs read `--store` as libpq would; verbs.rs is the
 //! `Store` interface: acquire, status, history, gc. pool.rs takes a run's seats in
-//! pools (`--pool`) after step 4 and releases them in step 6.
+//! pools (`--pool`) after step 4 and releases them in step 6. collect.rs (`--collect`)
+//! queues a waiting caller's message before step 3, reads its fate right after it, takes
+//! the batch before the command and answers it in step 6's statement. A lease row found
+//! at step 4 (the previous holder ended uncleanly) is also written to the history as a
+//! `died` run by the run that finds it.
 
+mod collect;
 mod config;
 mod conn;
 mod conninfo;

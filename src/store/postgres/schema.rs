@@ -103,6 +103,31 @@ CREATE TABLE {s}.chan_run_seat (
 );
 CREATE INDEX chan_run_lease_fence ON {s}.chan_run_lease (fence);
 "#,
+    // `--collect` (collect.rs): a waiting caller's message, found by its backend in the
+    // channel's lock queue; taken under a runner's fence; answered with its verdict. And
+    // the history's rows of runs whose chan-run died.
+    r#"
+CREATE TABLE {s}.chan_run_message (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    channel_id    int NOT NULL REFERENCES {s}.chan_run_channel (id) ON DELETE CASCADE,
+    token         text NOT NULL UNIQUE,
+    backend       int NOT NULL,
+    backend_start timestamptz NOT NULL,
+    fingerprint   text NOT NULL,
+    message       bytea NOT NULL CHECK (octet_length(message) <= 1048576),
+    state         text NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'taken', 'answered')),
+    fence         bigint,
+    code          int,
+    runner_pid    int,
+    messages      int,
+    touched       timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX chan_run_message_channel ON {s}.chan_run_message (channel_id, fence);
+-- A run whose chan-run died (lease.rs) is not counted; its history row comes after the
+-- last recorded run's: (run_no, dead_no > 0).
+ALTER TABLE {s}.chan_run_history ADD COLUMN dead_no int NOT NULL DEFAULT 0,
+    DROP CONSTRAINT chan_run_history_pkey, ADD PRIMARY KEY (channel_id, run_no, dead_no);
+"#,
 ];
 
 /// History rows kept per channel.

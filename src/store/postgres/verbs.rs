@@ -4,6 +4,7 @@
 //! holds their lock with nobody queued.
 
 use super::PgStore;
+use super::collect::{Batch, Joining, new_token};
 use super::conn::{ANSWER_WITHIN, Conn, Fault, from_application_name};
 use super::heartbeat::{Heartbeat, STOPS_WITHIN};
 use super::lease::PgLease;
@@ -14,7 +15,8 @@ use crate::channel::Channel;
 use crate::control::Control;
 use crate::state::ChannelRecord;
 use crate::store::{
-    AcquireError, ChannelStatus, GcItem, GcReport, HolderView, Lease, Store, Wait, WaitNote, Waiter,
+    AcquireError, ChannelStatus, CollectEntry, GcItem, GcReport, HolderView, Lease, Store, Turn, Wait,
+    WaitNote, Waiter,
 };
 use anyhow::Context;
 use postgres::error::SqlState;
@@ -37,48 +39,41 @@ impl Store for PgStore {
         control: &Control,
         on_wait: &mut dyn FnMut(&WaitNote),
     ) -> Result<Box<dyn Lease>, AcquireError> {
-        let until = match wait {
-            Wait::No => Instant::now().checked_add(NO_WAIT_WITHIN),
-            Wait::Until(d) => Some(d),
-            Wait::Forever => None,
-        };
-        let waiting = Waiting::watched(control, until);
-        let mut conn = self.connect(&waiting)?;
-        loop {
-            let (id, got) = self.try_lock(&conn, channel, &waiting)?;
-            if !got {
-                if wait == Wait::No {
-                    return Err(AcquireError::Busy);
-                }
-                if !self.wait_turn(&mut conn, channel, id, &waiting, on_wait)? {
-                    continue;
-                }
+        match self.acquire_as(channel, wait, control, on_wait, None)? {
+            Acquired::Lease(lease) => Ok(lease),
+            Acquired::Answered(_) => {
+                Err(anyhow::anyhow!("a verdict for a caller that queued no message").into())
             }
-            let Some(granted) = self.grant(&conn, id, &waiting)? else { continue };
-            let proven_at = match (granted.proven_at, &granted.previous) {
-                (Some(at), previous) => {
-                    previous.iter().for_each(|p| p.kill_leftover_here());
-                    at
-                }
-                (None, previous) => {
-                    let previous = previous.as_ref().context("a lease without its predecessor")?;
-                    self.outlast(&conn, id, granted.fence, previous, &waiting)?
-                }
-            };
-            let alarm = control.lock_lost_alarm();
-            let heartbeat = Heartbeat::start(conn.clone(), id, granted.fence, proven_at, alarm);
-            return Ok(Box::new(PgLease {
-                store: self.clone(),
-                channel: channel.name().to_owned(),
-                seats: Vec::new(),
-                conn,
-                heartbeat,
-                id,
-                fence: granted.fence,
-                record: granted.record,
-                ends_by: None,
-                ended: false,
-            }));
+        }
+    }
+
+    fn acquire_collect(
+        &self,
+        channel: &Channel,
+        wait: Wait,
+        control: &'static Control,
+        on_wait: &mut dyn FnMut(&WaitNote),
+        entry: &CollectEntry,
+    ) -> Result<Turn, AcquireError> {
+        let mut joining = Joining { entry, token: new_token(&self.host), conn: None };
+        match self.acquire_as(channel, wait, control, on_wait, Some(&mut joining)) {
+            Ok(Acquired::Lease(mut lease)) => {
+                lease.collect = Some(Batch {
+                    fingerprint: entry.fingerprint.clone(),
+                    taken: Vec::new(),
+                    code: None,
+                    settled: false,
+                });
+                Ok(Turn::Run(lease))
+            }
+            Ok(Acquired::Answered(verdict)) => Ok(Turn::Answered(verdict)),
+            Err(AcquireError::Interrupted(sig)) if self.withdraw(&joining) => {
+                Ok(Turn::TakenThenInterrupted(sig))
+            }
+            Err(e) => {
+                self.withdraw(&joining);
+                Err(e)
+            }
         }
     }
 
@@ -97,18 +92,35 @@ impl Store for PgStore {
              FROM {{s}}.chan_run_channel c LEFT JOIN {{s}}.chan_run_lease l ON l.channel_id = c.id \
              WHERE pg_catalog.cardinality($1::text[]) = 0 OR c.channel = ANY($1) ORDER BY c.channel"
         ));
-        let locks_sql = conn.sql(&format!(
-            "SELECT l.objid::int8, l.granted, l.pid, a.application_name, \
-             pg_catalog.to_char(COALESCE(l.waitstart, a.backend_start) AT TIME ZONE 'UTC', {UTC_MS}) \
-             FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid WHERE {LOCK_ROWS} \
-             ORDER BY l.objid, l.granted DESC, l.waitstart NULLS FIRST"
-        ));
+        // Each waiter's `--collect` row, if any (collect.rs); none in a schema older than
+        // the table (status never migrates).
+        let locks = |messages: &str| {
+            conn.sql(&format!(
+                "SELECT l.objid::int8, l.granted, l.pid, a.application_name, \
+                 pg_catalog.to_char(COALESCE(l.waitstart, a.backend_start) AT TIME ZONE 'UTC', {UTC_MS}), m.state \
+                 FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid \
+                 LEFT JOIN {messages} m ON m.channel_id::int8 = l.objid::int8 AND m.backend = l.pid \
+                   AND m.backend_start = a.backend_start WHERE {LOCK_ROWS} \
+                 ORDER BY l.objid, l.granted DESC, l.waitstart NULLS LAST, l.pid"
+            ))
+        };
+        let locks_sql = locks("{s}.chan_run_message");
+        let older_sql = locks(
+            "(SELECT NULL::int AS channel_id, NULL::int AS backend, NULL::timestamptz AS backend_start, \
+             NULL::text AS state)",
+        );
         let read = conn.call(&wait, Some(ANSWER_WITHIN), "read the channels", move |client| {
             let rows = match client.query_typed(&sql, &[(&names, Type::TEXT_ARRAY)]) {
                 Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => return Ok(None),
                 other => other?,
             };
-            Ok(Some((rows, client.query_typed(&locks_sql, &[])?)))
+            let locks = match client.query_typed(&locks_sql, &[]) {
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {
+                    client.query_typed(&older_sql, &[])?
+                }
+                other => other?,
+            };
+            Ok(Some((rows, locks)))
         })?;
         let Some((rows, locks)) = read else { return Ok((Vec::new(), Vec::new())) };
         let mut warnings = Vec::new();
@@ -121,7 +133,7 @@ impl Store for PgStore {
         let conn = self.connect(&wait)?;
         let sql = conn.sql(
             "SELECT h.entry::text FROM {s}.chan_run_history h JOIN {s}.chan_run_channel c ON c.id = h.channel_id \
-             WHERE c.channel = $1 ORDER BY h.run_no DESC LIMIT $2",
+             WHERE c.channel = $1 ORDER BY h.run_no DESC, h.dead_no DESC LIMIT $2",
         );
         let (name, n) = (channel.name().to_owned(), n.min(i64::MAX as usize) as i64);
         let rows = conn.call(&wait, Some(ANSWER_WITHIN), "read the history", move |client| {
@@ -168,7 +180,79 @@ impl Store for PgStore {
     }
 }
 
+/// How `acquire_as` ended.
+enum Acquired {
+    Lease(Box<PgLease>),
+    /// A `--collect` caller's message was answered by an earlier caller's batch.
+    Answered(crate::store::Verdict),
+}
+
 impl PgStore {
+    /// Steps 1 to 4; with `joining`, a `--collect` caller's steps 1 and 2 (collect.rs)
+    /// around the wait.
+    fn acquire_as(
+        &self,
+        channel: &Channel,
+        wait: Wait,
+        control: &Control,
+        on_wait: &mut dyn FnMut(&WaitNote),
+        mut joining: Option<&mut Joining>,
+    ) -> Result<Acquired, AcquireError> {
+        let until = match wait {
+            Wait::No => Instant::now().checked_add(NO_WAIT_WITHIN),
+            Wait::Until(d) => Some(d),
+            Wait::Forever => None,
+        };
+        let waiting = Waiting::watched(control, until);
+        let mut conn = self.connect(&waiting)?;
+        loop {
+            let (id, got) = self.try_lock(&conn, channel, &waiting)?;
+            if !got {
+                if wait == Wait::No {
+                    return Err(AcquireError::Busy);
+                }
+                if let Some(joining) = joining.as_deref_mut() {
+                    self.join(&conn, id, joining, &waiting)?;
+                }
+                if !self.wait_turn(&mut conn, channel, id, &waiting, on_wait)? {
+                    continue;
+                }
+            }
+            if let Some(joining) = joining.as_deref().filter(|j| j.conn.is_some())
+                && let Some(verdict) = self.turn(&conn, id, joining, &waiting)?
+            {
+                return Ok(Acquired::Answered(verdict));
+            }
+            let Some(granted) = self.grant(&conn, id, &waiting)? else { continue };
+            let proven_at = match (granted.proven_at, &granted.previous) {
+                (Some(at), previous) => {
+                    previous.iter().for_each(|p| p.kill_leftover_here());
+                    at
+                }
+                (None, previous) => {
+                    let previous = previous.as_ref().context("a lease without its predecessor")?;
+                    self.outlast(&conn, id, granted.fence, previous, &waiting)?
+                }
+            };
+            let alarm = control.lock_lost_alarm();
+            let heartbeat = Heartbeat::start(conn.clone(), id, granted.fence, proven_at, alarm);
+            return Ok(Acquired::Lease(Box::new(PgLease {
+                store: self.clone(),
+                channel: channel.name().to_owned(),
+                seats: Vec::new(),
+                conn,
+                heartbeat,
+                id,
+                fence: granted.fence,
+                record: granted.record,
+                ends_by: None,
+                ended: false,
+                died: granted.died,
+                collect: None,
+            })));
+        }
+    }
+
     /// Step 3 for `acquire`: says who holds the channel, then waits in its queue. `false`:
     /// the server ended the wait (the connection renewed if it dropped it): start over.
     fn wait_turn(
@@ -247,6 +331,10 @@ fn channel_status(row: &postgres::Row, locks: &[postgres::Row], warnings: &mut V
         let (pid, host) = from_application_name(lock.get::<_, Option<String>>(3).as_deref());
         if !lock.get::<_, bool>(1) {
             status.queue.push(Waiter { host, pid, since: lock.get(4) });
+            status.collect.push(lock.get::<_, Option<String>>(5).map(|state| match state.as_str() {
+                "queued" => "queued",
+                _ => "taken",
+            }));
             continue;
         }
         status.running = true;
