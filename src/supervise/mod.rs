@@ -19,7 +19,7 @@ use crate::pump::{Output, Stream, Tail};
 use rustix::process::{Pid, Signal};
 use std::ffi::OsString;
 use std::io;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -77,7 +77,6 @@ pub struct Finished {
 pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Finished {
     let started = Instant::now();
     let mut terminal = Terminal::new();
-    let mut command = command(&plan, control, &terminal);
     // Everything chan-run needs for the run is had before the command starts: this pipe
     // (it tells the output thread of the exit) and, inside `spawn`, the command's pipes
     // and process. If one is missing, nothing ran and it is chan-run's own failure.
@@ -85,8 +84,19 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
         Ok(notice) => notice,
         Err(e) => return not_run(Ending::Unstarted(e.into()), started),
     };
-    let mut child = match command.spawn() {
-        Ok(child) => child,
+    let spawned = crate::sys::spawn(&crate::sys::Spawn {
+        program: &plan.command[0],
+        args: &plan.command[1..],
+        env: &plan.env,
+        setup: crate::sys::ChildSetup {
+            parent: rustix::process::getpid(),
+            pid_field: plan.pid_field,
+            take_terminal: terminal.handed(),
+            default_sigxfsz: control.sigxfsz_changed,
+        },
+    });
+    let spawned = match spawned {
+        Ok(spawned) => spawned,
         Err(e) => {
             // The child may have taken the terminal before its exec failed.
             terminal.take_back();
@@ -96,18 +106,14 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
             );
         }
     };
-    let pid = child.id();
+    let pid = spawned.pid.as_raw_nonzero().get() as u32;
     on_spawn(pid);
     let exited = Arc::new(AtomicBool::new(false));
-    let streams = [
-        child.stdout.take().map(|s| Stream::new(s.into(), 1, plan.tail_cap)),
-        child.stderr.take().map(|s| Stream::new(s.into(), 2, 0)),
-    ];
-    let streams = streams.into_iter().flatten().collect();
+    let streams = vec![Stream::new(spawned.stdout, 1, plan.tail_cap), Stream::new(spawned.stderr, 2, 0)];
     let mut output = Output::new(streams, Arc::clone(&exited), Arc::new(notice_rx));
 
     let (status, mut stop) =
-        watch::supervise(&mut child, &plan, control, started, &mut output, &mut terminal);
+        watch::supervise(spawned.pid, &plan, control, started, &mut output, &mut terminal);
     terminal.take_back();
     // Tells the pump the command is gone: it passes on what the pipes hold and stops
     // once they are empty, however long a descendant keeps them open. Only a reader
@@ -119,31 +125,6 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     }
     let stdout = output.finish();
     Finished { ending: Ending::Ran { status, stop, pid }, duration: started.elapsed(), stdout }
-}
-
-/// The command as the plan says, in a process group of its own, with the terminal if
-/// chan-run hands it on.
-fn command(plan: &Plan, control: &Control, terminal: &Terminal) -> Command {
-    let mut command = Command::new(&plan.command[0]);
-    command.args(&plan.command[1..]);
-    for (key, value) in &plan.env {
-        match value {
-            Some(v) => command.env(key, v),
-            None => command.env_remove(key),
-        };
-    }
-    command.stdin(Stdio::inherit()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    crate::sys::set_child_setup(
-        &mut command,
-        crate::sys::ChildSetup {
-            parent: rustix::process::getpid(),
-            pid_field: plan.pid_field,
-            take_terminal: terminal.handed(),
-            default_sigxfsz: control.sigxfsz_changed,
-        },
-    );
-    command
 }
 
 /// Passes on what is left of the output once the command has exited; a forwarded
