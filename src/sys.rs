@@ -196,10 +196,9 @@ mod vfork {
             .chain(spawn.args.iter().map(OsString::as_os_str))
             .map(c_string)
             .collect::<io::Result<_>>()?;
-        let (env_owned, path) = environment(spawn.env)?;
-        let candidates_owned = candidates(spawn.program, path.as_deref())?;
+        let env = environment(spawn.env)?;
+        let candidates_owned = candidates(spawn.program, env.path.as_deref())?;
         let argv = null_terminated(&argv_owned);
-        let envp = null_terminated(&env_owned);
         let candidates: Vec<*const libc::c_char> = candidates_owned.iter().map(|c| c.as_ptr()).collect();
         let mut script_argv: Vec<*const libc::c_char> =
             [SH.as_ptr(), std::ptr::null()].into_iter().chain(argv[1..].iter().copied()).collect();
@@ -208,7 +207,7 @@ mod vfork {
         let (stderr_rx, stderr_tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let args = ChildArgs {
             argv: argv.as_ptr(),
-            envp: envp.as_ptr(),
+            envp: env.envp.as_ptr(),
             candidates: candidates.as_ptr(),
             candidate_count: candidates.len(),
             script_argv: script_argv.as_mut_ptr(),
@@ -271,33 +270,67 @@ mod vfork {
         strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
     }
 
-    /// chan-run's environment with `changes` applied, as `KEY=VALUE` strings, and the
-    /// command's PATH (what the search for its program uses, as `execvp` would).
-    fn environment(
-        changes: &[(&'static str, Option<OsString>)],
-    ) -> io::Result<(Vec<CString>, Option<OsString>)> {
-        let changed = |key: &OsStr| changes.iter().any(|(k, _)| OsStr::new(k) == key);
+    unsafe extern "C" {
+        /// The process's environment: a NULL-terminated array of `KEY=VALUE` strings.
+        static environ: *const *const libc::c_char;
+    }
+
+    /// The command's environment: chan-run's with `changes` applied. The strings kept
+    /// are libc's own (not copied: chan-run never changes its environment, so they
+    /// stay valid and unchanged; `std::env::set_var` is `unsafe` for this very reason
+    /// and used nowhere), those set are owned here.
+    struct Environment {
+        _set: Vec<CString>,
+        /// NULL-terminated, for `execve`.
+        envp: Vec<*const libc::c_char>,
+        /// The command's PATH (the search for its program uses it, as `execvp` would).
+        path: Option<Vec<u8>>,
+    }
+
+    fn environment(changes: &[(&'static str, Option<OsString>)]) -> io::Result<Environment> {
         let mut path = None;
-        let mut env = Vec::new();
-        let kept = std::env::vars_os().filter(|(k, _)| !changed(k));
-        let set = changes.iter().filter_map(|(k, v)| Some((OsString::from(k), v.clone()?)));
-        for (key, value) in kept.chain(set) {
-            if key == "PATH" {
-                path = Some(value.clone());
+        let mut envp = Vec::with_capacity(64);
+        // SAFETY: `environ` is libc's, valid and unchanged while chan-run runs (see
+        // `Environment`): a NULL-terminated array (or NULL) of NUL-terminated strings.
+        unsafe {
+            let mut entry = environ;
+            while !entry.is_null() && !(*entry).is_null() {
+                let bytes = CStr::from_ptr(*entry).to_bytes();
+                // As std reads it: the key ends at the first `=` after its first byte.
+                let key = bytes.iter().skip(1).position(|&b| b == b'=').map_or(bytes, |i| &bytes[..i + 1]);
+                if !changes.iter().any(|(k, _)| k.as_bytes() == key) {
+                    if key == b"PATH" && path.is_none() {
+                        path = bytes.get(5..).map(<[u8]>::to_vec);
+                    }
+                    envp.push(*entry);
+                }
+                entry = entry.add(1);
             }
-            let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
-            entry.extend_from_slice(key.as_bytes());
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            env.push(c_string(OsStr::from_bytes(&entry))?);
         }
-        Ok((env, path))
+        let mut set = Vec::with_capacity(changes.len());
+        for (key, value) in changes {
+            if let Some(value) = value {
+                if *key == "PATH" {
+                    path = Some(value.as_bytes().to_vec());
+                }
+                let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
+                entry.extend_from_slice(key.as_bytes());
+                entry.push(b'=');
+                entry.extend_from_slice(value.as_bytes());
+                set.push(c_string(OsStr::from_bytes(&entry))?);
+            } else if *key == "PATH" {
+                path = None;
+            }
+        }
+        envp.extend(set.iter().map(|s| s.as_ptr()));
+        envp.push(std::ptr::null());
+        Ok(Environment { _set: set, envp, path })
     }
 
     /// The paths `execvp` would try for `program`, in its order: itself if it names a
     /// path, else each PATH entry joined with it (an empty entry: the current
     /// directory), PATH defaulting to glibc's `/bin:/usr/bin`.
-    fn candidates(program: &OsStr, path: Option<&OsStr>) -> io::Result<Vec<CString>> {
+    fn candidates(program: &OsStr, path: Option<&[u8]>) -> io::Result<Vec<CString>> {
         let program = program.as_bytes();
         if program.is_empty() {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
@@ -305,7 +338,7 @@ mod vfork {
         if program.contains(&b'/') {
             return Ok(vec![c_string(OsStr::from_bytes(program))?]);
         }
-        let path = path.map_or(&b"/bin:/usr/bin"[..], OsStrExt::as_bytes);
+        let path = path.unwrap_or(b"/bin:/usr/bin");
         path.split(|&b| b == b':')
             .map(|dir| {
                 let mut full = Vec::with_capacity(dir.len() + 1 + program.len());
@@ -597,6 +630,12 @@ mod tests {
         let path = format!("/nonexistent::{}", dir.path().display());
         let env = [("PATH", Some(path.into())), ("CHAN_RUN_TEST_VAR", Some("set".into()))];
         assert_eq!(run("greet", &["you"], &env).unwrap(), (3, "hello you set\n".to_owned()));
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(
+            run("sh", &["-c", "echo \"$PATH\""], &[]).unwrap(),
+            (0, format!("{path}\n")),
+            "kept as it was"
+        );
         let removed = [("HOME", None)];
         assert_eq!(
             run("/bin/sh", &["-c", "echo ${HOME-unset}"], &removed).unwrap(),
