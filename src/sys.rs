@@ -483,7 +483,8 @@ mod vfork {
     }
 }
 
-/// Elsewhere: std's `Command`, which forks when given a `pre_exec` hook.
+/// Elsewhere: std's `Command`, which forks when given a `pre_exec` hook (the hook chan-run
+/// had on Linux too; no parent-death signal outside Linux and Android).
 #[cfg(not(target_os = "linux"))]
 mod forked {
     use super::{ChildSetup, Spawn, Spawned, write_decimal};
@@ -516,7 +517,9 @@ mod forked {
     /// own process group and reset its signal mask and SIGPIPE.
     fn set_child_setup(command: &mut Command, setup: ChildSetup) {
         let hook = move || -> io::Result<()> {
-            // PDEATHSIG is Linux's; elsewhere only the parent check is left.
+            #[cfg(target_os = "android")]
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            // PDEATHSIG is lost if the parent died before the prctl: check after setting it.
             if rustix::process::getppid() != Some(setup.parent) {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
@@ -644,6 +647,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")] // /proc/self/status
     fn the_command_gets_default_signals_an_empty_mask_and_its_own_group() {
         // This test process catches SIGUSR2 and ignores SIGPIPE (std) and SIGUSR1: the
         // command must see SIGUSR2 and SIGPIPE at their defaults, SIGUSR1 still ignored
