@@ -1,6 +1,10 @@
 //! chan-run: run one command per channel at a time. `main` parses, dispatches, and
 //! turns the outcome into an exit code, printing an error once.
 
+// On glibc Linux the process starts at `sys::main`, std's runtime set-up without the
+// main thread's stack-overflow handler (one eighth of a run's instructions; see there).
+#![cfg_attr(all(not(test), target_os = "linux", target_env = "gnu"), no_main)]
+
 mod channel;
 mod cli;
 mod cmd;
@@ -24,18 +28,23 @@ mod ui;
 use clap::Parser;
 use exit_code::ExitCode;
 
+#[cfg(not(all(not(test), target_os = "linux", target_env = "gnu")))]
 fn main() -> std::process::ExitCode {
+    chan_run().into()
+}
+
+fn chan_run() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e).into(),
+        Err(e) => return usage_error(e),
     };
     match run(cli) {
-        Ok(code) => code.into(),
+        Ok(code) => code,
         Err(e) => {
             ui::say(format_args!("{e:#}"));
             match e.downcast_ref::<store::Unavailable>() {
-                Some(_) => ExitCode::Unavailable.into(),
-                None => ExitCode::Failed.into(),
+                Some(_) => ExitCode::Unavailable,
+                None => ExitCode::Failed,
             }
         }
     }

@@ -248,3 +248,29 @@ fn closed_stderr_does_not_change_the_exit_code() {
         assert_eq!(out.code(), want, "{opts:?} -- {command:?} with stderr closed");
     }
 }
+
+#[test]
+fn started_with_stdin_stdout_and_stderr_closed_it_runs_the_command_as_usual() {
+    // As a careless daemon may start it. chan-run must not take 0, 1 or 2 for its own
+    // files or pipes: the command gets /dev/null as stdin and chan-run's output pipes.
+    let env = TestEnv::new();
+    let inner =
+        env.std_run(&["-c", "x"], &sh(r#"fds=$(ls -l /proc/$$/fd/); echo "$fds" > "$T/fds"; echo out"#));
+    let mut outer = std::process::Command::new("sh");
+    outer.args(["-c", r#"exec "$@" <&- >&- 2>&-"#, "sh"]).arg(inner.get_program()).args(inner.get_args());
+    for (key, value) in inner.get_envs() {
+        match value {
+            Some(value) => outer.env(key, value),
+            None => outer.env_remove(key),
+        };
+    }
+    Running::start(outer).finish(PATIENCE).assert_code(0);
+    let fds = std::fs::read_to_string(env.path("fds")).unwrap();
+    let target = |fd: &str| {
+        let line = fds.lines().find(|l| l.contains(&format!(" {fd} -> "))).unwrap_or_else(|| panic!("{fds}"));
+        line.rsplit(" -> ").next().unwrap().to_owned()
+    };
+    assert_eq!(target("0"), "/dev/null", "{fds}");
+    assert!(target("1").starts_with("pipe:") && target("2").starts_with("pipe:"), "{fds}");
+    assert_ne!(target("1"), target("2"), "{fds}");
+}

@@ -160,6 +160,12 @@ fn a_pooler_that_hands_on_unreset_sessions_is_named_with_the_setting_to_change()
     // A holder through the pool is SIGKILLed: the pool keeps its server session, and
     // with it the channel's lock.
     let holder = through.hold("x", "held", "go");
+    // Killed between heartbeats (the first beat follows the command's start): a client
+    // gone mid-transaction makes the pooler close its server session instead.
+    wait_until("the holder's session to be idle", || {
+        pg::psql(server.url(), "SELECT state FROM pg_stat_activity WHERE application_name LIKE 'chan-run %'")
+            == "idle"
+    });
     holder.signal(rustix::process::Signal::KILL);
     drop(holder);
     // The next client gets that session as it was: refused, naming the setting.

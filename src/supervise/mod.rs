@@ -19,7 +19,7 @@ use crate::pump::{Output, Stream, Tail};
 use rustix::process::{Pid, Signal};
 use std::ffi::OsString;
 use std::io;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -80,7 +80,6 @@ pub struct Finished {
 pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Finished {
     let started = Instant::now();
     let mut terminal = Terminal::new();
-    let mut command = command(&plan, control, &terminal);
     // Everything chan-run needs for the run is had before the command starts: this pipe
     // (it tells the output thread of the exit) and, inside `spawn`, the command's pipes
     // and process. If one is missing, nothing ran and it is chan-run's own failure.
@@ -91,17 +90,27 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     // The writer is started before the command, so a thread chan-run cannot start is its
     // own failure with nothing run; it writes as the command reads, so a command that
     // prints before it has read everything never deadlocks against chan-run.
-    let feed = match plan.stdin.as_ref().map(|bytes| feed(&mut command, Arc::clone(bytes))).transpose() {
+    let feed = match plan.stdin.as_ref().map(|bytes| feed(Arc::clone(bytes))).transpose() {
         Ok(feed) => feed,
         Err(e) => return not_run(Ending::Unstarted(e), started),
     };
-    let spawned = command.spawn();
+    let spawned = crate::sys::spawn(&crate::sys::Spawn {
+        program: &plan.command[0],
+        args: &plan.command[1..],
+        env: &plan.env,
+        stdin: feed.as_ref().map(|(read, _)| std::os::fd::AsFd::as_fd(read)),
+        setup: crate::sys::ChildSetup {
+            parent: rustix::process::getpid(),
+            pid_field: plan.pid_field,
+            take_terminal: terminal.handed(),
+            default_sigxfsz: control.sigxfsz_changed,
+        },
+    });
     // The pipe's read end goes with the command: the writer then meets EPIPE (not a
     // signal: chan-run ignores SIGPIPE) if the command exits without reading it all.
-    drop(command);
     drop(feed);
-    let mut child = match spawned {
-        Ok(child) => child,
+    let spawned = match spawned {
+        Ok(spawned) => spawned,
         Err(e) => {
             // The child may have taken the terminal before its exec failed.
             terminal.take_back();
@@ -111,18 +120,15 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
             );
         }
     };
-    let pid = child.id();
+    let pid = spawned.pid.as_raw_nonzero().get() as u32;
     on_spawn(pid);
     let exited = Arc::new(AtomicBool::new(false));
-    let streams = [
-        child.stdout.take().map(|s| Stream::new(s.into(), 1, plan.tail_cap)),
-        child.stderr.take().map(|s| Stream::new(s.into(), 2, plan.tail_cap)),
-    ];
-    let streams = streams.into_iter().flatten().collect();
+    let streams =
+        vec![Stream::new(spawned.stdout, 1, plan.tail_cap), Stream::new(spawned.stderr, 2, plan.tail_cap)];
     let mut output = Output::new(streams, Arc::clone(&exited), Arc::new(notice_rx));
 
     let (status, mut stop) =
-        watch::supervise(&mut child, &plan, control, started, &mut output, &mut terminal);
+        watch::supervise(spawned.pid, &plan, control, started, &mut output, &mut terminal);
     terminal.take_back();
     // Tells the pump the command is gone: it passes on what the pipes hold and stops
     // once they are empty, however long a descendant keeps them open. Only a reader
@@ -136,42 +142,16 @@ pub fn run(plan: Plan, control: &Control, on_spawn: &mut dyn FnMut(u32)) -> Fini
     Finished { ending: Ending::Ran { status, stop, pid }, duration: started.elapsed(), stdout }
 }
 
-/// The command as the plan says, in a process group of its own, with the terminal if
-/// chan-run hands it on.
-fn command(plan: &Plan, control: &Control, terminal: &Terminal) -> Command {
-    let mut command = Command::new(&plan.command[0]);
-    command.args(&plan.command[1..]);
-    for (key, value) in &plan.env {
-        match value {
-            Some(v) => command.env(key, v),
-            None => command.env_remove(key),
-        };
-    }
-    command.stdin(Stdio::inherit()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    crate::sys::set_child_setup(
-        &mut command,
-        crate::sys::ChildSetup {
-            parent: rustix::process::getpid(),
-            pid_field: plan.pid_field,
-            take_terminal: terminal.handed(),
-            default_sigxfsz: control.sigxfsz_changed,
-        },
-    );
-    command
-}
-
-/// Gives `command` a pipe for its stdin and starts a thread writing `bytes` into it, then
-/// closing it (end of file). The thread ends when everything is written or the command
-/// has closed its end.
-fn feed(command: &mut Command, bytes: Arc<[u8]>) -> io::Result<std::thread::JoinHandle<()>> {
+/// A pipe for the command's stdin, and a thread writing `bytes` into it, then closing it
+/// (end of file). The thread ends when everything is written or the command has closed
+/// its end. Returns the read end, for the command.
+fn feed(bytes: Arc<[u8]>) -> io::Result<(std::os::fd::OwnedFd, std::thread::JoinHandle<()>)> {
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     let mut write = std::fs::File::from(write);
     let writer = std::thread::Builder::new().spawn(move || {
         let _ = std::io::Write::write_all(&mut write, &bytes);
     })?;
-    command.stdin(Stdio::from(read));
-    Ok(writer)
+    Ok((read, writer))
 }
 
 /// Passes on what is left of the output once the command has exited; a forwarded

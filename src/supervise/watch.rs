@@ -6,7 +6,8 @@ use super::{Plan, REAP_AFTER_KILL, Stop, signal_command};
 use crate::control::Control;
 use crate::pump::Output;
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
-use std::process::{Child, ExitStatus};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 /// Where the staged stop stands.
@@ -66,17 +67,16 @@ impl Stages {
     }
 }
 
-/// Watches `child` until it can be reaped (or, SIGKILLed and stuck in the kernel, until
+/// Watches the command's leader `pid` until it can be reaped (or, SIGKILLed and stuck in the kernel, until
 /// chan-run gives up on it: status `None`); says whether chan-run stopped it.
 pub(super) fn supervise(
-    child: &mut Child,
+    pid: Pid,
     plan: &Plan,
     control: &Control,
     started: Instant,
     output: &mut Output,
     terminal: &mut Terminal,
 ) -> (Option<ExitStatus>, Option<Stop>) {
-    let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
     // A deadline too far to represent is no deadline.
     let term_at = plan.timeout.and_then(|t| started.checked_add(t));
     let mut stages = Stages { term_at, kill_at: None, killed_at: None, stop: None };
@@ -87,7 +87,7 @@ pub(super) fn supervise(
                     // The grace ends when the leader does; its group goes with it.
                     let _ = rustix::process::kill_process_group(pid, Signal::KILL);
                 }
-                return (child.wait().ok(), stages.stop);
+                return (reap(pid), stages.stop);
             }
             Leader::Stopped(sig) if stages.stop.is_none() => stages.postpone(terminal.suspend(pid, sig)),
             // Being stopped by chan-run, it must be able to act on its signal in time.
@@ -101,6 +101,17 @@ pub(super) fn supervise(
         }
         let _ = control.wait_also(stages.next(), &output.pending());
         output.poke(|| control.wake_handle());
+    }
+}
+
+/// Reaps the exited leader.
+fn reap(pid: Pid) -> Option<ExitStatus> {
+    loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+            Err(rustix::io::Errno::INTR) => {}
+            Ok(Some((_, status))) => return Some(ExitStatus::from_raw(status.as_raw())),
+            Ok(None) | Err(_) => return None,
+        }
     }
 }
 
