@@ -398,6 +398,18 @@ fn removing_the_first_record_keeps_the_file_valid_and_the_others_whole() {
     assert_eq!(runs_in(state_json(&env).as_ref(), "third"), 1);
 }
 
+/// Lets the channels run so far go idle for 1.1 s, runs `kept` again, and returns an
+/// `--idle-for` that lies between the two: however long the kept runs took on a loaded
+/// machine, they stay younger than it and the others older.
+fn idle_between(env: &TestEnv, kept: &[String]) -> String {
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let rerun = std::time::Instant::now();
+    for name in kept {
+        env.run(&["-c", name], &["true"]).assert().success();
+    }
+    format!("{}ms", (rerun.elapsed() + std::time::Duration::from_millis(550)).as_millis())
+}
+
 #[test]
 fn gc_killed_at_random_moments_loses_no_kept_record() {
     // Each round leaves 40 idle channels behind 10 kept ones, and SIGKILLs a gc at a
@@ -419,12 +431,9 @@ fn gc_killed_at_random_moments_loses_no_kept_record() {
                 .assert()
                 .success();
         }
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-        for name in &kept {
-            env.run(&["-c", name], &["true"]).assert().success();
-        }
+        let idle_for = idle_between(&env, &kept);
         let mut gc = env.std_command();
-        gc.args(["gc", "--idle-for", "1s"]).stdout(std::process::Stdio::null());
+        gc.args(["gc", "--idle-for", &idle_for]).stdout(std::process::Stdio::null());
         let mut gc = gc.spawn().unwrap();
         std::thread::sleep(rng.duration_up_to(std::time::Duration::from_millis(40)));
         let _ = gc.kill();
@@ -439,11 +448,8 @@ fn gc_killed_at_random_moments_loses_no_kept_record() {
         assert!(quarantined(&env).is_empty(), "round {round}: {:?}", quarantined(&env));
     }
     // A whole gc afterwards leaves only the kept channels and the probes, compacted.
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    for name in &kept {
-        env.run(&["-c", name], &["true"]).assert().success();
-    }
-    env.command().args(["gc", "--idle-for", "1s"]).assert().success();
+    let idle_for = idle_between(&env, &kept);
+    env.command().args(["gc", "--idle-for", &idle_for]).assert().success();
     let state = state_json(&env).unwrap();
     let names: Vec<&String> = state["channels"].as_object().unwrap().keys().collect();
     assert_eq!(names.len(), kept.len(), "{names:?}");
