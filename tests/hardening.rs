@@ -236,12 +236,10 @@ fn gc_compacts_active_json_and_every_survivor_stays_whole_and_writable() {
     }
     let big = std::fs::metadata(env.state().join("active.json")).unwrap().len();
     // Every channel but each tenth is idle now; those are run again so gc keeps them.
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    for i in (0..n).step_by(10) {
-        env.run(&["-c", &format!("c{i:03}")], &["true"]).assert().success();
-    }
+    let tenth: Vec<String> = (0..n).step_by(10).map(|i| format!("c{i:03}")).collect();
+    let idle_for = idle_between(&env, &tenth);
     env.command()
-        .args(["gc", "--idle-for", "1s"])
+        .args(["gc", "--idle-for", &idle_for])
         .assert()
         .success()
         .stdout(contains("compacted active.json"));
