@@ -12,6 +12,8 @@
 #   scale.sh       4. 1 to 100,000 channels in active.json: overhead and peak RSS
 #   passthrough.sh 5. 1 GiB through chan-run's stdout
 #   timeout.sh     6. timeout precision
+#   pool.sh        pools: the per-run cost of --pool p:8 with free seats, and a seat's
+#                  hand-off latency against a channel's (local store)
 #   postgres.sh    the PostgreSQL store: per-run overhead and hand-off latency against
 #                  throw-away servers from scripts/test-postgres (skipped, with the reason
 #                  in the summary, when no server can be started)
@@ -28,7 +30,7 @@ start=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 t0=$EPOCHREALTIME
 failed=()
-for script in callgrind overhead throughput handoff scale passthrough timeout postgres; do
+for script in callgrind overhead throughput handoff scale passthrough timeout pool postgres; do
   echo
   echo "######## bench/$script.sh"
   s0=$EPOCHREALTIME
@@ -53,7 +55,8 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 order = ["overhead-tmpfs", "overhead-disk", "throughput-tmpfs", "throughput-disk", "handoff-tmpfs",
          "handoff-disk", "scale-time-tmpfs", "scale-time-disk", "scale-new-tmpfs", "scale-new-disk",
          "scale-rss-tmpfs", "scale-rss-disk",
-         "passthrough-rate", "passthrough-rss", "timeout", "callgrind",
+         "passthrough-rate", "passthrough-rss", "timeout", "callgrind", "pool-overhead-local",
+         "pool-handoff-local",
          "pg-overhead-fsync-off", "pg-overhead-fsync-on", "pg-overhead-pool", "handoff-pg-fsync-off",
          "handoff-pg-fsync-on", "handoff-pg-pool", "pg-skipped"]
 rows.sort(key=lambda r: order.index(r["id"]) if r["id"] in order else len(order))
