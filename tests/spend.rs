@@ -535,3 +535,28 @@ fn cools_down_once(env: &TestEnv, spawn: &Spawn) {
     assert!(together <= 3 && refused.len() <= 4 + 4, "{calls:?}");
     assert_eq!(pool_of(&status_json(env, &[]), "p")["cool_down"], Value::Null, "an ok ends it");
 }
+
+#[test]
+fn postgres_a_killed_probe_frees_the_pool_for_the_next() {
+    let Some(server) = crate::common::pg::server() else { return };
+    let store = crate::common::pg::fresh_store(&server);
+    let env = TestEnv::with_store(&store);
+    let opts = |channel: &'static str| ["-c", channel, "--pool", "p:2", "--profile", "claude"];
+    let overloaded = crate::common::sh(&format!("printf '%s\\n' '{OVERLOADED}'; exit 1"));
+    env.run(&opts("a"), &overloaded).assert().code(1);
+    // After the cool-down, b probes and hangs; c waits for its outcome.
+    let probe = env.spawn(&opts("b"), &crate::common::sh(r#"echo $$ > "$T/probe.pid"; exec sleep 60"#));
+    let _killed = crate::common::KillOnDrop(vec![probe.pid()]);
+    env.wait_for_file("probe.pid");
+    let next = env.spawn(&opts("c"), &fake_claude(0, "", 0.1));
+    let waiting = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+                   AND classid = 'chan_run_pool_ledger'::regclass AND NOT granted";
+    wait_until("c to wait for the probe", || crate::common::pg::psql(&store, waiting) == "1");
+    probe.signal(rustix::process::Signal::KILL);
+    crate::common::kill(env.read("probe.pid").trim().parse().unwrap());
+    // The dead probe's session took its lock along: c probes, and its ok ends the cool-down.
+    let out = next.finish(PATIENCE);
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    assert_eq!(calls(&env).len(), 1);
+    assert_eq!(pool_of(&status_json(&env, &[]), "p")["cool_down"], Value::Null);
+}
