@@ -414,13 +414,13 @@ fn an_older_schema_is_migrated_in_place_and_keeps_its_data() {
     // Back to schema version 1, as an older chan-run left it.
     sql(
         &store,
-        "DROP TABLE chan_run_message, chan_run_seat, chan_run_pool; DROP TABLE chan_run_lease; \
+        "DROP TABLE chan_run_pool_ledger, chan_run_message, chan_run_seat, chan_run_pool; DROP TABLE chan_run_lease; \
          ALTER TABLE chan_run_history DROP COLUMN dead_no, ADD PRIMARY KEY (channel_id, run_no); ALTER TABLE chan_run_channel ADD COLUMN holder_host text, \
          ADD COLUMN holder_pid int, ADD COLUMN holder_backend int, ADD COLUMN holder_since timestamptz, \
          ADD COLUMN holder_command jsonb, ADD COLUMN holder_command_pid int, ADD COLUMN heartbeat timestamptz; \
          UPDATE chan_run_meta SET version = 1",
     );
     env.run(&["-c", "m"], &sh(r#"echo "$CHAN_RUN_SESSION_ID""#)).assert().code(0).stdout("kept\n");
-    assert_eq!(sql(&store, "SELECT version FROM chan_run_meta"), "5");
+    assert_eq!(sql(&store, "SELECT version FROM chan_run_meta"), "6");
     assert_eq!(status(&env, "m")["runs"], 2);
 }

@@ -226,37 +226,39 @@ fn two_pools_named_in_opposite_orders_never_deadlock() {
     assert_eq!(order_lines(&env).len(), 12);
 }
 
+/// Whether this host can give a run a host name of its own (a UTS namespace).
+pub fn hosts_possible() -> bool {
+    std::process::Command::new("unshare").args(["--uts", "true"]).status().is_ok_and(|s| s.success())
+}
+
+/// `chan-run ARGS` as if on `host` (its own host name, where `hosts_possible`; else on
+/// this host, noted once by the caller).
+pub fn on_host(env: &TestEnv, host: &str, args: &[&str]) -> std::process::Command {
+    let mut cmd = if hosts_possible() {
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--uts", "--", "sh", "-c", r#"hostname "$1" && shift && exec "$@""#, "sh", host, &*BIN]);
+        env.apply(&mut cmd);
+        cmd
+    } else {
+        env.std_command()
+    };
+    cmd.args(args);
+    cmd.stdin(std::process::Stdio::null());
+    cmd
+}
+
 #[test]
 fn two_hosts_share_one_cap() {
     let Some(env) = setup() else { return };
-    let hosts =
-        std::process::Command::new("unshare").args(["--uts", "true"]).status().is_ok_and(|s| s.success());
+    let hosts = hosts_possible();
     if !hosts {
         eprintln!("note: no UTS namespaces here; the 2 hosts share this host's name");
     }
     let runs: Vec<Running> = (0..16)
         .map(|i| {
             let host = format!("host-{}", i % 2);
-            let mut cmd = if hosts {
-                let mut cmd = std::process::Command::new("unshare");
-                cmd.args([
-                    "--uts",
-                    "--",
-                    "sh",
-                    "-c",
-                    r#"hostname "$1" && shift && exec "$@""#,
-                    "sh",
-                    &host,
-                    &*BIN,
-                ]);
-                env.apply(&mut cmd);
-                cmd
-            } else {
-                env.std_command()
-            };
-            cmd.args(["run", "-c", &format!("c{i}"), "--pool", "p:2", "--"]);
+            let mut cmd = on_host(&env, &host, &["run", "-c", &format!("c{i}"), "--pool", "p:2", "--"]);
             cmd.args(in_a_slot(2, &host, 0.1));
-            cmd.stdin(std::process::Stdio::null());
             Running::start(cmd)
         })
         .collect();

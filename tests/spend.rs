@@ -5,7 +5,8 @@
 //! print a notice and pass where it is not installed.
 
 use crate::common::state::*;
-use crate::common::{PATIENCE, TestEnv, assert_between, secs, wait_until};
+use crate::common::{PATIENCE, Running, TestEnv, assert_between, secs, wait_until};
+use crate::postgres_pools::on_host;
 use crate::profiles::{Mock, claude_cmd, real_claude};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -416,7 +417,7 @@ fn real_claude_five_channels_in_a_pool_share_one_back_off() {
 }
 
 #[test]
-fn postgres_keeps_costs_and_budgets_and_refuses_what_needs_a_pool_ledger() {
+fn postgres_keeps_costs_and_budgets() {
     let Some(server) = crate::common::pg::server() else { return };
     let env = TestEnv::with_store(&crate::common::pg::fresh_store(&server));
     let codes: Vec<i32> = (0..4)
@@ -429,20 +430,45 @@ fn postgres_keeps_costs_and_budgets_and_refuses_what_needs_a_pool_ledger() {
     let bot = status_of(&env, "bot");
     assert_eq!((usd(&bot["cost_usd_today"]), usd(&bot["cost_usd_total"])), (1.2, 1.2));
     assert_eq!(usd(&history(&env, "bot")[0]["cost_usd"]), 0.4);
-    let ran = crate::common::sh(r#"echo ran >> "$T/ran""#);
-    for opts in [
-        vec!["-c", "x", "--pool", "p:2", "--pool-budget", "1"],
-        vec!["-c", "x", "--pool", "p:2", "--retry", "1", "--profile", "claude"],
-    ] {
-        let out = env.run(&opts, &ran).output().unwrap();
-        assert_eq!(out.status.code(), Some(125), "{opts:?}");
-        assert!(
-            text(&out.stderr).contains("not supported with --store postgres://"),
-            "{}",
-            text(&out.stderr)
-        );
+}
+
+/// `chan-run run OPTS -- COMMAND` on `host` (see postgres_pools.rs).
+fn run_on_host(env: &TestEnv, host: &str, opts: &[&str], command: &[String]) -> Running {
+    let mut cmd = on_host(env, host, &[&["run"], opts, &["--"]].concat());
+    cmd.args(command);
+    Running::start(cmd)
+}
+
+#[test]
+fn postgres_a_pool_budget_holds_across_two_hosts() {
+    let Some(server) = crate::common::pg::server() else { return };
+    let env = TestEnv::with_store(&crate::common::pg::fresh_store(&server));
+    let runs: Vec<_> = (0..8)
+        .map(|i| {
+            let (host, channel) = (format!("host-{}", i % 2), format!("c{i}"));
+            let opts = ["-c", channel.as_str(), "--pool", "p:2", "--pool-budget", "1"];
+            run_on_host(&env, &host, &opts, &fake_claude(0, "", 0.4))
+        })
+        .collect();
+    let outs: Vec<_> = runs.into_iter().map(|r| r.finish(PATIENCE)).collect();
+    let ran = outs.iter().filter(|o| o.code() == 0).count();
+    let refused = outs.iter().filter(|o| o.code() == 77).count();
+    assert_eq!(ran + refused, 8, "{:?}", outs.iter().map(|o| o.stderr()).collect::<Vec<_>>());
+    // Runs start while less than $1.00 is spent; with 2 seats, 2 may be in flight.
+    assert!((3..=4).contains(&ran), "{ran} ran");
+    assert_eq!(calls(&env).len(), ran);
+    let spent = usd(&pool_of(&status_json(&env, &[]), "p")["cost_usd_today"]);
+    assert!((1.0..=1.0 + 2.0 * 0.4 + 1e-9).contains(&spent), "{spent}");
+    // Spent: neither host starts another run.
+    for host in ["host-0", "host-1"] {
+        let late = ["-c", host, "--pool", "p:2", "--pool-budget", "1"];
+        let out = run_on_host(&env, host, &late, &fake_claude(0, "", 0.4)).finish(PATIENCE);
+        assert_eq!(out.code(), 77, "{}", out.stderr());
+        assert!(out.stderr().contains("pool p: --pool-budget reached: $"), "{}", out.stderr());
     }
-    assert!(!env.exists("ran"));
+    assert_eq!(calls(&env).len(), ran);
+    let metrics = text(&env.command().args(["status", "--prometheus"]).output().unwrap().stdout);
+    assert!(metrics.contains(&format!("chan_run_pool_cost_usd_today{{pool=\"p\"}} {spent}")), "{metrics}");
 }
 
 /// A stand-in for claude that is overloaded (529) while `$T/overloaded` exists, noting
@@ -459,27 +485,47 @@ printf '{{"type":"result","is_error":false,"session_id":"s-ok","total_cost_usd":
 #[test]
 fn a_pool_cools_down_once_for_all_its_channels() {
     let env = TestEnv::new();
+    cools_down_once(&env, &|_, opts, command| env.spawn(opts, command));
+}
+
+#[test]
+fn postgres_a_529_on_one_host_cools_the_pool_down_for_the_other() {
+    let Some(server) = crate::common::pg::server() else { return };
+    let env = TestEnv::with_store(&crate::common::pg::fresh_store(&server));
+    cools_down_once(&env, &|i, opts, command| run_on_host(&env, &format!("host-{}", i % 2), opts, command));
+}
+
+/// Starts the i-th run: `(i, opts, command)`.
+type Spawn<'a> = dyn Fn(usize, &[&str], &[String]) -> Running + 'a;
+
+/// 4 channels of a pool (`spawn(i, opts, command)` starts the i-th), all with
+/// `--retry`, overloaded at first: one back-off schedule, one probe per step.
+fn cools_down_once(env: &TestEnv, spawn: &Spawn) {
     env.open_gate("overloaded");
     let runs: Vec<_> = (0..4)
         .map(|i| {
             let channel = format!("c{i}");
             let opts = ["-c", channel.as_str(), "--pool", "p:4", "--profile", "claude", "--retry", "8"];
-            env.spawn(&opts, &overloaded_while_flagged())
+            spawn(i, &opts, &overloaded_while_flagged())
         })
         .collect();
-    let step = || pool_of(&status_json(&env, &[]), "p")["cool_down"]["step"].as_u64();
+    let step = || {
+        let status = status_json(env, &[]);
+        let pools = status["pools"].as_array().cloned().unwrap_or_default();
+        pools.iter().find(|p| p["pool"] == "p").and_then(|p| p["cool_down"]["step"].as_u64())
+    };
     // Two probes failed: the steps double, one probe each.
     wait_until("the cool-down's third step", || step().is_some_and(|s| s >= 2));
     let table = text(&env.command().arg("status").output().unwrap().stdout);
     assert!(table.contains("pool p cools down until") && table.contains("overloaded"), "{table}");
-    let busy = env.run(&["-c", "other", "--pool", "p:4", "-n"], &prints("x")).output().unwrap();
-    assert_eq!(busy.status.code(), Some(75), "-n during a cool-down: {}", text(&busy.stderr));
+    let busy = spawn(4, &["-c", "other", "--pool", "p:4", "-n"], &prints("x")).finish(PATIENCE);
+    assert_eq!(busy.code(), 75, "-n during a cool-down: {}", busy.stderr());
     std::fs::remove_file(env.path("overloaded")).unwrap();
     for run in runs {
         let out = run.finish(PATIENCE);
         assert_eq!(out.code(), 0, "{}", out.stderr());
     }
-    let calls = calls(&env);
+    let calls = calls(env);
     let mut refused: Vec<f64> =
         calls.iter().filter_map(|c| c.strip_prefix("529 ")).map(|t| t.parse().unwrap()).collect();
     refused.sort_by(f64::total_cmp);
@@ -487,5 +533,30 @@ fn a_pool_cools_down_once_for_all_its_channels() {
     // The four first tries at most, then one probe per step: never two together.
     let together = refused.windows(2).filter(|w| w[1] - w[0] < 0.25).count();
     assert!(together <= 3 && refused.len() <= 4 + 4, "{calls:?}");
-    assert_eq!(pool_of(&status_json(&env, &[]), "p")["cool_down"], Value::Null, "an ok ends it");
+    assert_eq!(pool_of(&status_json(env, &[]), "p")["cool_down"], Value::Null, "an ok ends it");
+}
+
+#[test]
+fn postgres_a_killed_probe_frees_the_pool_for_the_next() {
+    let Some(server) = crate::common::pg::server() else { return };
+    let store = crate::common::pg::fresh_store(&server);
+    let env = TestEnv::with_store(&store);
+    let opts = |channel: &'static str| ["-c", channel, "--pool", "p:2", "--profile", "claude"];
+    let overloaded = crate::common::sh(&format!("printf '%s\\n' '{OVERLOADED}'; exit 1"));
+    env.run(&opts("a"), &overloaded).assert().code(1);
+    // After the cool-down, b probes and hangs; c waits for its outcome.
+    let probe = env.spawn(&opts("b"), &crate::common::sh(r#"echo $$ > "$T/probe.pid"; exec sleep 60"#));
+    let _killed = crate::common::KillOnDrop(vec![probe.pid()]);
+    env.wait_for_file("probe.pid");
+    let next = env.spawn(&opts("c"), &fake_claude(0, "", 0.1));
+    let waiting = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' \
+                   AND classid = 'chan_run_pool_ledger'::regclass AND NOT granted";
+    wait_until("c to wait for the probe", || crate::common::pg::psql(&store, waiting) == "1");
+    probe.signal(rustix::process::Signal::KILL);
+    crate::common::kill(env.read("probe.pid").trim().parse().unwrap());
+    // The dead probe's session took its lock along: c probes, and its ok ends the cool-down.
+    let out = next.finish(PATIENCE);
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    assert_eq!(calls(&env).len(), 1);
+    assert_eq!(pool_of(&status_json(&env, &[]), "p")["cool_down"], Value::Null);
 }

@@ -8,22 +8,8 @@ use crate::cli::RunArgs;
 use crate::pool::Pool;
 use crate::spend;
 use crate::state::ChannelRecord;
-use crate::store::{Lease, NO_LEDGERS, Store};
+use crate::store::Lease;
 use std::time::SystemTime;
-
-/// What this store cannot do for the run is refused before anything runs.
-pub fn refuse_unsupported(store: &dyn Store, args: &RunArgs) -> anyhow::Result<()> {
-    if store.keeps_pool_ledgers() {
-        return Ok(());
-    }
-    if args.pool_budget.is_some() {
-        anyhow::bail!("--pool-budget {NO_LEDGERS}");
-    }
-    if args.retry.is_some() && !args.pools.is_empty() {
-        anyhow::bail!("--retry with --pool (the pool's shared cool-down) {NO_LEDGERS}");
-    }
-    Ok(())
-}
 
 /// The line to say if the channel's or a pool's budget for today is spent.
 pub fn spent(
@@ -58,17 +44,12 @@ pub fn spent(
     Ok(None)
 }
 
-/// Adds a finished run's cost to each of its pools' ledgers (where the store keeps
-/// them), while the run still holds its seats.
-pub fn charge_pools(store: &dyn Store, lease: &mut dyn Lease, pools: &[Pool], cost: Option<f64>) {
-    let Some(cost) = cost.filter(|c| *c > 0.0) else { return };
-    if !store.keeps_pool_ledgers() {
-        return;
-    }
-    let now = SystemTime::now();
+/// Adds a finished run's cost to each of its pools' ledgers, while the run still holds
+/// its seats.
+pub fn charge_pools(lease: &mut dyn Lease, pools: &[Pool], cost: Option<f64>) {
+    let Some(cost) = cost.filter(|c| c.is_finite() && *c > 0.0) else { return };
     for pool in pools {
-        let charged = lease.update_pool_ledger(pool, &mut |ledger| spend::add_cost(ledger, Some(cost), now));
-        if let Err(e) = charged {
+        if let Err(e) = lease.charge_pool(pool, cost) {
             crate::ui::warn(format!("the run's cost was not added to pool {}'s ledger ({e:#})", pool.name()));
         }
     }

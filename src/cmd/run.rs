@@ -22,7 +22,6 @@ const RETURN_SLACK: Duration = Duration::from_secs(1);
 pub fn run(store: &dyn Store, args: RunArgs, control: &'static Control) -> anyhow::Result<ExitCode> {
     let channel = Channel::new(&args.channel)?;
     check_profile(&args)?;
-    super::budget::refuse_unsupported(store, &args)?;
     let store_id = store.id();
     super::held::refuse_self_deadlock(&store_id, &channel)?;
     let mut pools = crate::pool::in_taking_order(args.pools.clone()).map_err(anyhow::Error::msg)?;
@@ -121,7 +120,7 @@ impl Run<'_> {
             }
         };
         super::record_dead_run(lease, channel, &record, args.quiet);
-        let cooling = store.keeps_pool_ledgers() && !pools.is_empty();
+        let cooling = !pools.is_empty();
         if cooling {
             match super::cooldown::wait_out(lease, pools, channel.name(), wait, control, args.quiet)? {
                 Ok(()) => {}
@@ -186,7 +185,7 @@ impl Run<'_> {
         }
         // The pools' ledgers learn of the run while it still holds its seats (and the
         // probe's lock, if it tried the API after a cool-down).
-        super::budget::charge_pools(store, lease, pools, spent.cost_usd);
+        super::budget::charge_pools(lease, pools, spent.cost_usd);
         if cooling {
             super::cooldown::on_ending(lease, pools, channel.name(), &last_run);
         }

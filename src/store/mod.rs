@@ -164,9 +164,6 @@ pub struct PoolLedger {
     pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
-/// What a store without pool ledgers says to a run that needs one.
-pub const NO_LEDGERS: &str = "is not supported with --store postgres:// yet (pool ledgers are kept on the local store only); drop it or use --state-dir";
-
 /// One channel (or pool) `gc` looked at.
 #[derive(Clone, Debug)]
 pub struct GcItem {
@@ -211,17 +208,9 @@ pub trait Store {
     /// way `status` reads channels (nothing taken or joined).
     fn pools(&self, only: &[Channel]) -> anyhow::Result<Vec<PoolStatus>>;
 
-    /// Whether this store keeps pool ledgers (`--pool-budget`, a pool's cool-down).
-    fn keeps_pool_ledgers(&self) -> bool {
-        false
-    }
-
     /// The ledgers of every pool (or those named) that has one, read without waiting
     /// behind a run.
-    fn pool_ledgers(&self, only: &[Channel]) -> anyhow::Result<Vec<PoolLedger>> {
-        let _ = only;
-        Ok(Vec::new())
-    }
+    fn pool_ledgers(&self, only: &[Channel]) -> anyhow::Result<Vec<PoolLedger>>;
 
     /// The channel's newest `n` runs, newest first.
     fn history(&self, channel: &Channel, n: usize) -> anyhow::Result<Vec<crate::history::Entry>>;
@@ -313,17 +302,16 @@ pub trait Lease {
         &mut self,
         pool: &Pool,
         change: &mut dyn FnMut(&mut serde_json::Map<String, serde_json::Value>),
-    ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-        let _ = (pool, change);
-        anyhow::bail!("a pool's ledger {NO_LEDGERS}")
+    ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>>;
+    /// Adds a finished run's cost to `pool`'s ledger, for today (UTC) and in all.
+    fn charge_pool(&mut self, pool: &Pool, cost: f64) -> anyhow::Result<()> {
+        let now = SystemTime::now();
+        self.update_pool_ledger(pool, &mut |ledger| crate::spend::add_cost(ledger, Some(cost), now)).map(drop)
     }
     /// Becomes `pool`'s probe after a cool-down (the one run that tries the API first)
     /// unless another run is; held until the seats are freed. `Ok(false)`: another
     /// run probes.
-    fn take_pool_probe(&mut self, pool: &Pool) -> anyhow::Result<bool> {
-        let _ = pool;
-        anyhow::bail!("a pool's cool-down {NO_LEDGERS}")
-    }
+    fn take_pool_probe(&mut self, pool: &Pool) -> anyhow::Result<bool>;
     /// Waits until `pool`'s probe has ended (its outcome is in the ledger then), the
     /// deadline passes (`Busy`) or a forwarded signal comes.
     fn wait_pool_probe(
@@ -331,10 +319,7 @@ pub trait Lease {
         pool: &Pool,
         deadline: Option<Instant>,
         control: &'static Control,
-    ) -> Result<(), AcquireError> {
-        let _ = (pool, deadline, control);
-        Err(AcquireError::Failed(anyhow::anyhow!("a pool's cool-down {NO_LEDGERS}")))
-    }
+    ) -> Result<(), AcquireError>;
     /// The command was forked and exec'd: `ticks` bounds its start time from above.
     fn command_started(&mut self, pid: u32, ticks: u64);
     /// The channel's stored record (a damaged state file is moved aside, with a warning).

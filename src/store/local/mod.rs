@@ -134,10 +134,6 @@ impl Store for LocalStore {
         pool::status(&self.folders, only)
     }
 
-    fn keeps_pool_ledgers(&self) -> bool {
-        true
-    }
-
     fn pool_ledgers(&self, only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolLedger>> {
         pool::ledgers(&self.folders, only)
     }

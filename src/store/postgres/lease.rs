@@ -50,6 +50,9 @@ pub struct PgLease {
     pub channel: String,
     /// The seat rows held (pool.rs).
     pub seats: Vec<i32>,
+    /// The pools (by id) whose probe this run is, once per take (ledger.rs): unlocked
+    /// when the command has ended.
+    pub probes: Vec<i32>,
     pub conn: Conn,
     pub heartbeat: Heartbeat,
     pub id: i32,
@@ -178,6 +181,61 @@ impl Lease for PgLease {
         Ok(())
     }
 
+    /// The command has ended: the probe locks go (the probe's outcome is in the ledger)
+    /// and the seats with them (pool.rs step 6, early: the rows cleared under this run's
+    /// fence), so a retry's back-off holds no seat.
+    fn free_seats(&mut self) {
+        if self.probes.is_empty() && self.seats.is_empty() {
+            return;
+        }
+        let (probes, seats, fence) = (self.probes.clone(), self.seats.clone(), self.fence);
+        let (unlock_probes, release_seats) =
+            (super::PgStore::unlock_probes_sql(&self.conn), super::PgStore::release_seats_sql(&self.conn));
+        let freed = self.conn.call(&Waiting::plain(), Some(self.within()), "free the seats", move |client| {
+            if !probes.is_empty() {
+                client.query_typed(&unlock_probes, &[(&probes, Type::INT4_ARRAY)])?;
+            }
+            if !seats.is_empty() {
+                client.query_typed(&release_seats, &[(&seats, Type::INT4_ARRAY), (&fence, Type::INT8)])?;
+            }
+            Ok(())
+        });
+        if let Err(e) = freed {
+            // Kept for `release` to try again (the session's end frees them at the latest).
+            crate::ui::warn(format!("the run's seats were not freed early ({:#})", anyhow::Error::from(e)));
+            return;
+        }
+        self.probes.clear();
+        self.seats.clear();
+    }
+
+    fn update_pool_ledger(
+        &mut self,
+        pool: &crate::pool::Pool,
+        change: &mut dyn FnMut(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        self.store.update_ledger(&self.conn, pool, change)
+    }
+
+    fn charge_pool(&mut self, pool: &crate::pool::Pool, cost: f64) -> anyhow::Result<()> {
+        self.store.charge_ledger(&self.conn, pool, cost)
+    }
+
+    fn take_pool_probe(&mut self, pool: &crate::pool::Pool) -> anyhow::Result<bool> {
+        let taken = self.store.try_probe(&self.conn, pool)?;
+        self.probes.extend(taken);
+        Ok(taken.is_some())
+    }
+
+    fn wait_pool_probe(
+        &mut self,
+        pool: &crate::pool::Pool,
+        deadline: Option<Instant>,
+        control: &'static crate::control::Control,
+    ) -> Result<(), crate::store::AcquireError> {
+        self.store.wait_probe(pool, deadline, control)
+    }
+
     fn command_started(&mut self, pid: u32, ticks: u64) {
         self.heartbeat.send(Beat::CommandPid(pid, ticks));
     }
@@ -275,7 +333,9 @@ impl Lease for PgLease {
             bail!("{}", LockLost(why));
         }
         let (id, fence, ended, seats) = (self.id, self.fence, self.ended, std::mem::take(&mut self.seats));
-        let release_seats = super::PgStore::release_seats_sql(&self.conn);
+        let probes = std::mem::take(&mut self.probes);
+        let (release_seats, unlock_probes) =
+            (super::PgStore::release_seats_sql(&self.conn), super::PgStore::unlock_probes_sql(&self.conn));
         let (end, unlock) = (
             self.conn.sql("DELETE FROM {s}.chan_run_lease WHERE channel_id = $1 AND fence = $2"),
             self.conn
@@ -287,6 +347,9 @@ impl Lease for PgLease {
             .call(&Waiting::plain(), Some(within), "unlock the channel", move |client| {
                 if !ended {
                     client.query_typed(&end, &[(&id, Type::INT4), (&fence, Type::INT8)])?;
+                }
+                if !probes.is_empty() {
+                    client.query_typed(&unlock_probes, &[(&probes, Type::INT4_ARRAY)])?;
                 }
                 // Step 6 of pool.rs, after the lease's end committed.
                 if !seats.is_empty() {

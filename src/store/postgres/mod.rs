@@ -6,7 +6,8 @@
 //! record and `fence`), `chan_run_lease` (the current or last unclean holder: host,
 //! pids, backend, heartbeat, the bound its command stops within), `chan_run_history`
 //! (the last runs per channel), the sequence `chan_run_fence`, and for pools
-//! `chan_run_pool` and `chan_run_seat` (pool.rs has their protocol), and for `--collect`
+//! `chan_run_pool` and `chan_run_seat` (pool.rs has their protocol) with
+//! `chan_run_pool_ledger` (a pool's spend and cool-down: ledger.rs), and for `--collect`
 //! `chan_run_message` (collect.rs has its protocol).
 //!
 //! # Protocol of one run
@@ -42,6 +43,7 @@ mod conninfo;
 mod grant;
 mod heartbeat;
 mod lease;
+mod ledger;
 mod pgfiles;
 mod pool;
 mod queue;

@@ -37,7 +37,8 @@
 //!    the server loses its seat with its session, and its command is stopped by its
 //!    heartbeat's alarm within the bound its lease row promises (heartbeat.rs): so two
 //!    commands never hold one seat, fences included.
-//! 6. Release (lease.rs), once the lease row's end has committed: one statement clears
+//! 6. Release (lease.rs), once the command has ended (`free_seats`, or else once the
+//!    lease row's end has committed): one statement clears
 //!    the seat rows under this run's fence, unlocks the seats and notifies the pools'
 //!    channels; then the channel is unlocked. *Death before*: the locks go with L; a
 //!    row left naming this run's fence makes the next holder check that lease (step 5).
@@ -384,8 +385,8 @@ impl PgStore {
         }
     }
 
-    /// Step 6's statement (on the lease's connection, after the lease row's end has
-    /// committed): clears this run's seat rows under its fence, unlocks the seats and
+    /// Step 6's statement (on the lease's connection, once the command has ended):
+    /// clears this run's seat rows under its fence, unlocks the seats and
     /// notifies their pools' heads. A head that takes a seat before this commits finds
     /// the row naming a lease that has ended: nothing to wait out.
     pub(super) fn release_seats_sql(conn: &Conn) -> String {

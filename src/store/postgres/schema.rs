@@ -128,6 +128,18 @@ CREATE INDEX chan_run_message_channel ON {s}.chan_run_message (channel_id, fence
 ALTER TABLE {s}.chan_run_history ADD COLUMN dead_no int NOT NULL DEFAULT 0,
     DROP CONSTRAINT chan_run_history_pkey, ADD PRIMARY KEY (channel_id, run_no, dead_no);
 "#,
+    // Pool ledgers (ledger.rs): what a pool's runs spent, in all and on one UTC day, and
+    // its cool-down; `version` counts the writes. The table's oid names the probe locks.
+    r#"
+CREATE TABLE {s}.chan_run_pool_ledger (
+    pool_id   int PRIMARY KEY REFERENCES {s}.chan_run_pool (id) ON DELETE CASCADE,
+    usd_total numeric NOT NULL DEFAULT 0,
+    usd_today numeric NOT NULL DEFAULT 0,
+    day       date,
+    cool_down jsonb,
+    version   bigint NOT NULL DEFAULT 0
+);
+"#,
 ];
 
 /// History rows kept per channel.

@@ -81,6 +81,10 @@ impl Store for PgStore {
         self.pool_statuses(only)
     }
 
+    fn pool_ledgers(&self, only: &[Channel]) -> anyhow::Result<Vec<crate::store::PoolLedger>> {
+        self.ledgers(only)
+    }
+
     fn status(&self, only: &[Channel]) -> anyhow::Result<(Vec<ChannelStatus>, Vec<String>)> {
         let wait = Waiting::plain();
         let conn = self.connect(&wait)?;
@@ -240,6 +244,7 @@ impl PgStore {
                 store: self.clone(),
                 channel: channel.name().to_owned(),
                 seats: Vec::new(),
+                probes: Vec::new(),
                 conn,
                 heartbeat,
                 id,
