@@ -24,7 +24,11 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Deferred: a subcommand's arguments are built only when it is the one parsed (`run`
+// pays for its own ~30 arguments, not every subcommand's); completions and the man page
+// take `full_command`, in which they are built as without deferral.
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum Command {
     /// Run COMMAND holding CHANNEL's lock; waits its turn if the channel is busy.
     Run(RunArgs),
@@ -37,12 +41,35 @@ pub enum Command {
     /// Remove the records, logs and lock files of channels idle for longer than DUR.
     Gc(GcArgs),
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell).
-    Completions {
-        #[arg(value_name = "SHELL")]
-        shell: clap_complete::Shell,
-    },
+    Completions(CompletionsArgs),
     /// Print the man page (roff).
     Man,
+}
+
+// No doc comment on an `Args` struct: with the subcommands deferred, its `about` would
+// replace the subcommand's own (the flattened `WaitArgs` and `CollectArgs` too).
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// The whole command tree as clap builds it without deferral: each subcommand's own
+/// arguments before the global ones it inherits, so completion scripts and the man page
+/// list them in that order.
+pub fn full_command() -> clap::Command {
+    use clap::CommandFactory;
+    fn built<A: Args>(c: clap::Command) -> clap::Command {
+        A::augment_args(c).defer(|c| c)
+    }
+    Cli::command()
+        .mut_subcommand("run", built::<RunArgs>)
+        .mut_subcommand("status", built::<StatusArgs>)
+        .mut_subcommand("reset", built::<ResetArgs>)
+        .mut_subcommand("history", built::<HistoryArgs>)
+        .mut_subcommand("gc", built::<GcArgs>)
+        .mut_subcommand("completions", built::<CompletionsArgs>)
+        .mut_subcommand("man", |c| c.defer(|c| c))
 }
 
 #[derive(Debug, Args)]
@@ -97,7 +124,7 @@ pub struct ResetArgs {
     pub wait: WaitArgs,
 }
 
-/// How long to wait for a busy channel, and what to exit with if it stays busy.
+// How long to wait for a busy channel, and what to exit with if it stays busy.
 #[derive(Debug, Args, Clone)]
 pub struct WaitArgs {
     /// If the channel is busy (held, or callers waiting), exit with the busy code at once
@@ -186,7 +213,7 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
-/// `--collect`: a burst of queued messages as one run (README "Collect").
+// `--collect`: a burst of queued messages as one run (README "Collect").
 #[derive(Debug, Args, Clone)]
 pub struct CollectArgs {
     /// Send the message (--message, else stdin, at most 1 MiB) on the command's stdin, and
@@ -231,6 +258,7 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+        full_command().debug_assert();
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct StateDir {
     /// For messages only: nothing is ever opened through it again.
     pub path: PathBuf,
     pub fd: OwnedFd,
+    /// Its device and inode, from the check at open (the store's id: no second fstat).
+    pub dev_ino: (u64, u64),
 }
 
 impl StateDir {
@@ -40,7 +42,7 @@ impl StateDir {
         if let Some(Refused::Unsafe(why)) = refusal(&st, FileType::Directory) {
             anyhow::bail!("the state directory {} {why}; {}", path.display(), fix(path, &why));
         }
-        Ok(Some(StateDir { path: path.to_owned(), fd }))
+        Ok(Some(StateDir { path: path.to_owned(), fd, dev_ino: (st.st_dev, st.st_ino) }))
     }
 
     /// The folder `name` in the state directory (created, 0700, when `create`).
@@ -148,10 +150,17 @@ fn not_followed(dir: &OwnedFd, name: &str, e: Errno) -> Refused {
     }
 }
 
+/// chan-run's effective uid, asked once: every folder and file is checked against it
+/// (one `geteuid` per object before), and chan-run never changes its ids.
+fn euid() -> u32 {
+    static EUID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *EUID.get_or_init(|| rustix::process::geteuid().as_raw())
+}
+
 /// What is wrong with an object chan-run keeps, if anything: the wrong kind, another
 /// owner, or write access for others.
 fn refusal(st: &Stat, kind: FileType) -> Option<Refused> {
-    let me = rustix::process::geteuid().as_raw();
+    let me = euid();
     if FileType::from_raw_mode(st.st_mode) != kind {
         return Some(Refused::Kind);
     }
@@ -202,7 +211,7 @@ fn walk(path: &Path, create: bool) -> anyhow::Result<Option<OwnedFd>> {
             Step::Dir(next) => fd = next,
             Step::Missing => return Ok(None),
             Step::Link(target, owner) => {
-                let me = rustix::process::geteuid().as_raw();
+                let me = euid();
                 if owner != me && owner != 0 {
                     anyhow::bail!(
                         "{} is a symbolic link belonging to uid {owner}, not to you (uid {me}) or root; chan-run does not follow it: {HINT}",

@@ -79,16 +79,18 @@ fn hint_line(hint: Option<u64>) -> String {
 }
 
 pub fn read(file: &File) -> std::io::Result<Contents> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 8192];
-    let mut at = 0;
-    loop {
-        let n = file.read_at(&mut chunk, at)?;
-        if n == 0 || buf.len() > 64 * 1024 {
+    // 8 KiB at a time straight into the buffer's spare capacity: nothing is zeroed
+    // first. Reading stops once more than 64 KiB is in, as before.
+    const CHUNK: usize = 8192;
+    let mut buf = Vec::with_capacity(CHUNK);
+    while buf.len() <= 64 * 1024 {
+        if buf.capacity() - buf.len() < CHUNK {
+            buf.reserve_exact(CHUNK);
+        }
+        let at = buf.len() as u64;
+        if rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)? == 0 {
             break;
         }
-        buf.extend_from_slice(&chunk[..n]);
-        at += n as u64;
     }
     Ok(parse(&buf))
 }

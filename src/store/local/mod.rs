@@ -116,10 +116,8 @@ impl LocalStore {
 
 impl Store for LocalStore {
     fn id(&self) -> String {
-        match rustix::fs::fstat(&self.folders.state.fd) {
-            Ok(st) => format!("local:{}:{}", st.st_dev, st.st_ino),
-            Err(_) => format!("local:{}", self.folders.state.path.display()).replace(' ', "%20"),
-        }
+        let (dev, ino) = self.folders.state.dev_ino;
+        format!("local:{dev}:{ino}")
     }
 
     fn gc(&self, idle_for: Duration, dry_run: bool, control: &'static Control) -> anyhow::Result<GcReport> {

@@ -107,12 +107,50 @@ pub fn read_line(file: &File, offset: u64) -> Option<Vec<u8>> {
 /// `name`'s line at `offset`, if that is what is there.
 pub fn line_at(file: &File, offset: u64, name: &str) -> Option<Line> {
     let bytes = read_line(file, offset)?;
-    match layout::parse_slot(&bytes) {
+    parse_line(&bytes, offset, name)
+}
+
+fn parse_line(bytes: &[u8], offset: u64, name: &str) -> Option<Line> {
+    match layout::parse_slot(bytes) {
         Slot::Member { name: found, record, first } if found == name => {
-            let used = memchr::memrchr(b'}', &bytes).map_or(0, |i| i as u64 + 1);
+            let used = memchr::memrchr(b'}', bytes).map_or(0, |i| i as u64 + 1);
             Some(Line { offset, size: bytes.len() as u64, first, used, record: *record })
         }
         _ => None,
+    }
+}
+
+/// The line a run read of its channel before the command (`keep_line_at`): its update
+/// after the command (`take_line_at`) finds the slot most often byte for byte the same,
+/// and parsing the record is most of a read's cost. Only a parse is saved: the slot is
+/// read again under the lock and compared in full, and a line is a pure function of
+/// the slot's bytes, its offset and the name, so the line taken is the one a parse
+/// would give.
+type Kept = (u64, String, Vec<u8>, Line);
+static KEPT: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
+
+fn kept() -> std::sync::MutexGuard<'static, Option<Kept>> {
+    KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `line_at`, keeping what it found for `take_line_at`.
+pub fn keep_line_at(file: &File, offset: u64, name: &str) -> Option<Line> {
+    let bytes = read_line(file, offset)?;
+    let line = parse_line(&bytes, offset, name)?;
+    *kept() = Some((offset, name.to_owned(), bytes, line.clone()));
+    Some(line)
+}
+
+/// `line_at`, without parsing the slot again when it holds what `keep_line_at` read.
+pub fn take_line_at(file: &File, offset: u64, name: &str) -> Option<Line> {
+    let bytes = read_line(file, offset)?;
+    match kept().take() {
+        Some((at, kept_name, kept_bytes, line))
+            if at == offset && kept_name == name && kept_bytes == bytes =>
+        {
+            Some(line)
+        }
+        _ => parse_line(&bytes, offset, name),
     }
 }
 
@@ -380,4 +418,25 @@ pub fn rewrite(file: &File, line: &Line, name: &str, record: &ChannelRecord) -> 
     file.write_all_at(&member, line.offset)?;
     file.sync_data()?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_line_is_taken_only_while_its_slot_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let record = |runs| ChannelRecord { runs, ..ChannelRecord::default() };
+        std::fs::write(&path, layout::slot(true, "k", &record(1), UNIT)).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        assert_eq!(keep_line_at(&file, 0, "k").unwrap().record, record(1));
+        assert_eq!(take_line_at(&file, 0, "k").unwrap().record, record(1));
+        keep_line_at(&file, 0, "k").unwrap();
+        file.write_all_at(&layout::slot(true, "k", &record(2), UNIT), 0).unwrap();
+        assert_eq!(take_line_at(&file, 0, "k").unwrap().record, record(2), "changed: parsed again");
+        keep_line_at(&file, 0, "k").unwrap();
+        assert!(take_line_at(&file, 0, "other").is_none(), "another name is not taken");
+    }
 }

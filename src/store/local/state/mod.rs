@@ -138,6 +138,9 @@ impl<'a> ActiveFile<'a> {
                 return Ok((ChannelRecord::default(), None));
             }
         };
+        if let Some(line) = hint.and_then(|at| lines::keep_line_at(&file, at, name)) {
+            return Ok((line.record, Some(line.offset))); // `newest` of that one line
+        }
         if let Some(at) = hint
             && let Ok(found) = lines::find(&file, name, &[at])
             && !found.is_empty()
@@ -214,7 +217,7 @@ impl<'a> ActiveFile<'a> {
         if !lines::looks_whole(&file, &header).map_err(anyhow::Error::new)? {
             return Ok(false);
         }
-        let line = match hint.and_then(|at| lines::line_at(&file, at, name)) {
+        let line = match hint.and_then(|at| lines::take_line_at(&file, at, name)) {
             Some(line) => line,
             None => match self.peek(&file, &header, name) {
                 Some(Ok(found)) if !found.is_empty() => found.last().cloned().expect("not empty"),

@@ -15,7 +15,6 @@ use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 
 /// What `active.json` is right now.
 pub enum View {
@@ -58,15 +57,18 @@ impl ActiveFile<'_> {
             }
             Err(e) => bail!("cannot read {}: {e}; fix it or pass another --state-dir", self.shown()),
         };
-        let mut start = vec![0u8; 4096];
-        let n = match file.read_at(&mut start, 0) {
-            Ok(n) => n,
+        // Read into spare capacity: nothing is zeroed first.
+        let mut start = Vec::with_capacity(4096);
+        match rustix::io::pread(&file, rustix::buffer::spare_capacity(&mut start), 0)
+            .map_err(std::io::Error::from)
+        {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
                 return Ok(View::Damaged("it is a directory".into()));
             }
             Err(e) => bail!("cannot read {}: {e}; fix it or pass another --state-dir", self.shown()),
         };
-        if let Some(header) = layout::parse_header(&start[..n]) {
+        if let Some(header) = layout::parse_header(&start) {
             if header.version > VERSION {
                 bail!(self.newer(header.version));
             }
