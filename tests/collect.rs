@@ -85,7 +85,13 @@ fn a_window_collects_a_burst_that_reaches_an_idle_channel() {
     let window = ["--collect-window", "0.5s"];
     let first =
         env.spawn(&["-c", "idle", "--collect", "--message", "m0", window[0], window[1]], &batch_command());
-    std::thread::sleep(secs(0.1));
+    // The first holds the channel (in its window) before the others queue: the order
+    // the test names, however slow the machine.
+    wait_until("the first caller to hold the channel", || {
+        let out = env.command().args(["status", "--json", "idle"]).output().unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        status["channels"][0]["state"] == "running"
+    });
     let second = collector(&env, "idle", 1, &window, &batch_command());
     std::thread::sleep(secs(0.1));
     let third = collector(&env, "idle", 2, &window, &batch_command());
