@@ -351,21 +351,24 @@ fn a_batch_runner_killed_at_random_moments_loses_no_message() {
     );
 }
 
+/// Holds `channel` and SIGKILLs that holder's chan-run once its command is in its lease
+/// row (from the first beat, as the command starts); its pid.
+fn holder_killed(env: &TestEnv, store: &str, channel: &str) -> u32 {
+    let mut victim = env.hold(channel, "holding", "never");
+    wait_until("the lease to name the command", || {
+        pg::psql(store, &format!("SELECT count(*) FROM {} WHERE command IS NOT NULL", crate::postgres::LEASE))
+            == "1"
+    });
+    victim.signal(Signal::KILL);
+    let _ = victim.child().wait();
+    victim.pid()
+}
+
 #[test]
 fn a_run_whose_chan_run_died_is_in_history_as_died() {
     let Some((env, store)) = setup() else { return };
     env.run(&["-c", "x"], &sh(r#"echo '{"session_id":"s1"}'"#)).assert().code(0);
-    let mut victim = env.hold("x", "holding", "never");
-    let dead_pid = victim.pid();
-    // The holder's command is in its lease row from the first beat, as the command starts.
-    wait_until("the lease to name the command", || {
-        pg::psql(
-            &store,
-            &format!("SELECT count(*) FROM {} WHERE command IS NOT NULL", crate::postgres::LEASE),
-        ) == "1"
-    });
-    victim.signal(Signal::KILL);
-    let _ = victim.child().wait();
+    let dead_pid = holder_killed(&env, &store, "x");
     let out = env.run(&["-c", "x"], &sh("echo next")).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "{stderr}");
@@ -389,16 +392,7 @@ fn a_run_whose_chan_run_died_is_in_history_as_died() {
 #[test]
 fn a_reset_after_a_dead_run_records_it_too() {
     let Some((env, store)) = setup() else { return };
-    let mut victim = env.hold("x", "holding", "never");
-    let dead_pid = victim.pid();
-    wait_until("the lease to name the command", || {
-        pg::psql(
-            &store,
-            &format!("SELECT count(*) FROM {} WHERE command IS NOT NULL", crate::postgres::LEASE),
-        ) == "1"
-    });
-    victim.signal(Signal::KILL);
-    let _ = victim.child().wait();
+    let dead_pid = holder_killed(&env, &store, "x");
     let out = env.command().args(["reset", "x"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "{stderr}");

@@ -275,14 +275,19 @@ fn fresh_after_says_when_it_drops_a_session() {
     env.run(&["-c", "x", "--fresh-after", "1", "-q"], &fail).assert().stderr("");
 }
 
+/// Holds `channel` and SIGKILLs that holder's chan-run; its pid.
+fn holder_killed(env: &TestEnv, channel: &str) -> u32 {
+    let mut victim = env.hold(channel, "holding", "never");
+    victim.signal(rustix::process::Signal::KILL);
+    let _ = victim.child().wait();
+    victim.pid()
+}
+
 #[test]
 fn a_run_whose_chan_run_died_is_in_history_as_died() {
     let env = TestEnv::new();
     store_session(&env, "x", "s1");
-    let mut victim = env.hold("x", "holding", "never");
-    let dead_pid = victim.pid();
-    victim.signal(rustix::process::Signal::KILL);
-    let _ = victim.child().wait();
+    let dead_pid = holder_killed(&env, "x");
     let out = env.run(&["-c", "x"], &prints("next")).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&format!("the run of pid {dead_pid} ")), "{}", text(&out.stderr));
@@ -304,10 +309,7 @@ fn a_run_whose_chan_run_died_is_in_history_as_died() {
 fn a_reset_after_a_dead_run_records_it_too() {
     let env = TestEnv::new();
     store_session(&env, "x", "s1");
-    let mut victim = env.hold("x", "holding", "never");
-    let dead_pid = victim.pid();
-    victim.signal(rustix::process::Signal::KILL);
-    let _ = victim.child().wait();
+    let dead_pid = holder_killed(&env, "x");
     let out = env.command().args(["reset", "x"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&format!("the run of pid {dead_pid} ")), "{}", text(&out.stderr));

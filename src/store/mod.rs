@@ -236,13 +236,7 @@ pub trait Store {
         control: &'static Control,
         on_wait: &mut dyn FnMut(&WaitNote),
         entry: &CollectEntry,
-    ) -> Result<Turn, AcquireError> {
-        let _ = (channel, wait, control, on_wait, entry);
-        Err(anyhow::anyhow!(
-            "--collect is not supported by this store; use the local store (--state-dir) for collected channels"
-        )
-        .into())
-    }
+    ) -> Result<Turn, AcquireError>;
 }
 
 /// A `--collect` caller's entry in the queue: its message, and the fingerprint of its
@@ -295,7 +289,7 @@ pub trait Lease {
     ) -> Result<(), AcquireError>;
     /// The command has ended: frees the run's seats at once (the channel stays held
     /// while the run is recorded), so a pool's next waiter need not wait for that.
-    fn free_seats(&mut self) {}
+    fn free_seats(&mut self);
     /// Changes `pool`'s ledger (see `PoolLedger`) in a serialized read-modify-write and
     /// returns it as written; an empty change reads it.
     fn update_pool_ledger(
@@ -351,9 +345,7 @@ pub trait Lease {
     fn release(self: Box<Self>) -> anyhow::Result<()>;
     /// The run before this lease, if its chan-run died holding the channel (SIGKILL,
     /// OOM: its holder record was left behind), as that record named it.
-    fn died(&mut self) -> Option<DeadRun> {
-        None
-    }
+    fn died(&mut self) -> Option<DeadRun>;
     /// `--collect`: holding the channel, waits until no new caller has queued for `quiet`
     /// (or `max` messages are waiting, or a caller that cannot be collected queued), as
     /// a forwarded signal allows (`AcquireError::Interrupted`).
@@ -362,17 +354,11 @@ pub trait Lease {
         quiet: Duration,
         max: u32,
         control: &'static Control,
-    ) -> Result<(), AcquireError> {
-        let _ = (quiet, max, control);
-        Ok(())
-    }
+    ) -> Result<(), AcquireError>;
     /// `--collect`: takes the messages of the `--collect` callers queued right behind with
     /// the same fingerprint, in arrival order, stopping at the first that differs, so that
     /// the batch holds at most `max` messages with this run's own; returns them.
-    fn take_batch(&mut self, max: u32) -> anyhow::Result<Vec<std::sync::Arc<[u8]>>> {
-        let _ = max;
-        Ok(Vec::new())
-    }
+    fn take_batch(&mut self, max: u32) -> anyhow::Result<Vec<std::sync::Arc<[u8]>>>;
     /// `--collect`: the batch's outcome (this run's exit code), told before `record_run`,
     /// so that a store that can writes it in one transaction with the run's record (then
     /// `settle_batch` has nothing left to do).
@@ -381,15 +367,9 @@ pub trait Lease {
     }
     /// `--collect`: writes the batch's outcome (this run's exit code) for the callers it
     /// took, before the channel is released.
-    fn settle_batch(&mut self, code: u8) -> anyhow::Result<()> {
-        let _ = code;
-        Ok(())
-    }
+    fn settle_batch(&mut self, code: u8) -> anyhow::Result<()>;
     /// Adds `entry`, a run that is not this lease's own, to the channel's history.
-    fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()> {
-        let _ = entry;
-        Ok(())
-    }
+    fn append_history(&mut self, entry: &crate::history::Entry) -> anyhow::Result<()>;
 }
 
 /// A run whose chan-run died holding the channel, as its holder record named it.
