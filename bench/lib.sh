@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Shared by the bench/*.sh scripts (sourced, not run). Each script: `set -euo pipefail`,
 # then `. "$(dirname "$0")/lib.sh"`, which goes to the repository root, builds the
-# release binary and sets:
-#   bin       the release chan-run
+# release binary as users install it (scripts/build: the static musl build on Linux)
+# and sets:
+#   bin       that chan-run
 #   true_bin  the absolute path of `true` (so no side pays a PATH search)
 #   QUICK     1 for a short smoke run (fewer rounds), else 0
 # and provides:
@@ -14,9 +15,7 @@
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 work= # set by `mkwork work ...`
 QUICK=${QUICK:-0}
-cargo build --release --quiet
-bin=${CARGO_TARGET_DIR:-$PWD/target}/release/chan-run
-case $bin in /*) ;; *) bin=$PWD/$bin ;; esac
+bin=${BENCH_BIN:-$(scripts/build)}
 true_bin=$(type -P true)
 bench_dir=$PWD/bench
 _bench_work=()

@@ -25,7 +25,7 @@ results=$(mktemp /tmp/chan-run-bench.XXXXXX)
 trap 'rm -f "$results"' EXIT
 export BENCH_RESULTS=$results
 
-cargo build --release --quiet
+scripts/build >/dev/null
 start=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 t0=$EPOCHREALTIME
@@ -54,7 +54,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 order = ["overhead-tmpfs", "overhead-disk", "throughput-tmpfs", "throughput-disk", "handoff-tmpfs",
          "handoff-disk", "scale-time-tmpfs", "scale-time-disk", "scale-new-tmpfs", "scale-new-disk",
-         "scale-rss-tmpfs", "scale-rss-disk",
+         "scale-rss-tmpfs", "scale-rss-disk", "rss-run-tmpfs", "rss-run-disk",
          "passthrough-rate", "passthrough-rss", "timeout", "callgrind", "pool-overhead-local",
          "pool-handoff-local",
          "pg-overhead-fsync-off", "pg-overhead-fsync-on", "pg-overhead-pool", "handoff-pg-fsync-off",

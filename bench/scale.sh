@@ -104,6 +104,11 @@ record({"id": f"scale-new-{key}", "what": f"4. scale: a new channel's first run 
         "figure": "{:.2f} ms ({:.2f}x)".format(median(res["new100000"]), r_new),
         "ref": "1 ch {:.2f}, 10k {:.2f} ms".format(new_base, median(res["new10000"])),
         "goal": "O(1): <= 1.5x 1 channel", "met": r_new <= 1.5, "detail": f"{r_new:.2f}x"})
+one = rss[1] / 1024
+record({"id": f"rss-run-{key}", "what": f"peak RSS of a run, 1 channel ({where})",
+        "figure": f"{one:.1f} MiB", "ref": "4.5 MiB before issue 17 (the glibc build, 0fb6cdc)",
+        "goal": "<= 4.5 MiB (issue 17: unchanged or lower)", "met": one <= 4.5,
+        "detail": f"{one - 4.5:+.1f} MiB"})
 mib = rss[100000] / 1024
 record({"id": f"scale-rss-{key}", "what": f"4. scale: peak RSS at 100,000 channels ({where})",
         "figure": f"{mib:.1f} MiB", "ref": f"1 ch {rss[1] / 1024:.1f} MiB; conversion run {conv[100000] / 1024:.0f} MiB (not counted)",

@@ -25,6 +25,9 @@ mod supervise;
 mod sys;
 mod ui;
 
+#[global_allocator]
+static ALLOCATOR: sys::Allocator = sys::Allocator::new();
+
 use clap::{CommandFactory, FromArgMatches};
 use exit_code::ExitCode;
 

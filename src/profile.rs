@@ -132,9 +132,9 @@ impl Profile {
 /// The last document of the output: the whole output as one JSON document, else its
 /// last non-empty line.
 fn result_doc(tail: &[u8], whole: bool) -> Option<Value> {
-    whole.then(|| serde_json::from_slice::<Value>(tail).ok()).flatten().or_else(|| {
+    whole.then(|| session::json(tail)).flatten().or_else(|| {
         let last = tail.split(|&b| b == b'\n').rev().find(|line| !line.trim_ascii().is_empty())?;
-        serde_json::from_slice(last).ok()
+        session::json(last)
     })
 }
 
@@ -173,7 +173,7 @@ fn first_event_with(head: &[u8], key: &str) -> Option<Found> {
     complete
         .split(|&b| b == b'\n')
         .filter(|line| !line.trim_ascii().is_empty())
-        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+        .filter_map(session::json)
         .find_map(|doc| id_at(&doc, key))
 }
 

@@ -42,12 +42,12 @@ impl RunUsage {
 /// output, or its last line), else the last `turn.completed` line (codex). Read with or
 /// without a profile, so a wrapper printing either shape is counted too.
 pub fn read(tail: &[u8], whole: bool) -> RunUsage {
-    let whole_doc = whole.then(|| serde_json::from_slice::<Value>(tail).ok()).flatten();
+    let whole_doc = whole.then(|| crate::session::json(tail)).flatten();
     let lines = || {
         tail.split(|&b| b == b'\n')
             .rev()
             .filter(|l| !l.trim_ascii().is_empty())
-            .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
+            .filter_map(crate::session::json)
     };
     let claude = whole_doc.clone().or_else(|| lines().next()).filter(|d| d.get("total_cost_usd").is_some());
     if let Some(doc) = claude {

@@ -196,3 +196,36 @@ fn completions_and_man_page_generate() {
     assert!(page.contains(".TH chan-run 1") && page.contains("status"), "{page}");
     env.command().args(["completions", "tcsh"]).assert().code(125);
 }
+
+#[test]
+fn without_home_the_state_directory_is_found_through_the_password_database() {
+    // A service started with no HOME (cron, some init systems): chan-run finds the home
+    // directory as the C library looks users up (glibc's NSS, or musl's own reader of
+    // /etc/passwd in the static build), and reads the same state as with HOME set to it.
+    let uid = rustix::process::getuid().as_raw().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let Some(home) = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 5 && f[2] == uid)
+        .map(|f| f[5].to_owned())
+    else {
+        eprintln!("SKIPPED: uid {uid} is not in /etc/passwd");
+        return;
+    };
+    let status = |home: Option<&str>| {
+        let mut cmd = assert_cmd::Command::new(&*BIN);
+        cmd.args(["status", "--json"])
+            .env_remove("HOME")
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("XDG_DATA_HOME");
+        cmd.env_remove("CHAN_RUN_STATE_DIR").env_remove("CHAN_RUN_STORE");
+        if let Some(home) = home {
+            cmd.env("HOME", home);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    assert_eq!(status(None), status(Some(&home)));
+}

@@ -389,6 +389,33 @@ fn tls_is_used_and_the_servers_certificate_checked_when_the_url_asks() {
 }
 
 #[test]
+fn a_host_name_is_looked_up_and_the_systems_certificate_store_trusted() {
+    // What the static build does without glibc's NSS and with no CA named in the URL:
+    // `localhost` looked up (/etc/hosts), the server's certificate checked against that
+    // name, and its CA found in the system's store, here through SSL_CERT_FILE.
+    let Some(server) = pg::PrivateServer::start("tls-name") else { return };
+    let ca = server.tls();
+    let store = pg::fresh_store(server.url()).replacen("@127.0.0.1:", "@localhost:", 1);
+    assert!(store.contains("@localhost:"), "{store}");
+    let env = TestEnv::with_store(&format!("{store}&sslmode=verify-full"));
+    let out = env
+        .run(&["-c", "n"], &sh(r#"echo '{"session_id":"by-name"}'"#))
+        .env("SSL_CERT_FILE", &ca)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env.command().args(["status", "--json", "n"]).env("SSL_CERT_FILE", &ca).output().unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all["channels"][0]["session_id"], "by-name");
+    // The same URL without the CA in the store: the certificate cannot be checked.
+    let empty = env.path("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let out = env.run(&["-c", "n"], &sh("started ran")).env("SSL_CERT_FILE", &empty).output().unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!env.exists("ran"));
+}
+
+#[test]
 fn what_a_sigkilled_holder_left_on_this_host_is_killed_by_the_next_holder() {
     let Some((env, _store)) = setup() else { return };
     let holder = env.spawn(&["-c", "o"], &sh(r#"sleep 300 & echo $! > "$T/grandchild"; started held; wait"#));

@@ -91,7 +91,7 @@ pub fn read_line(file: &File, offset: u64) -> Option<Vec<u8>> {
         // Read into spare capacity: nothing is zeroed first.
         let mut buf = Vec::with_capacity(span as usize);
         let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), offset).ok()?;
-        if let Some(end) = memchr::memchr(b'\n', &buf) {
+        if let Some(end) = layout::find(b'\n', &buf) {
             let size = end as u64 + 1;
             let aligned = size.is_power_of_two() && size >= UNIT && offset.is_multiple_of(size);
             buf.truncate(end + 1);
@@ -113,7 +113,7 @@ pub fn line_at(file: &File, offset: u64, name: &str) -> Option<Line> {
 fn parse_line(bytes: &[u8], offset: u64, name: &str) -> Option<Line> {
     match layout::parse_slot(bytes) {
         Slot::Member { name: found, record, first } if found == name => {
-            let used = memchr::memrchr(b'}', bytes).map_or(0, |i| i as u64 + 1);
+            let used = layout::rfind(b'}', bytes).map_or(0, |i| i as u64 + 1);
             Some(Line { offset, size: bytes.len() as u64, first, used, record: *record })
         }
         _ => None,
@@ -146,7 +146,7 @@ pub fn take_line_at(file: &File, offset: u64, name: &str) -> Option<Line> {
     let bytes = read_line(file, offset)?;
     match kept().take() {
         Some((at, kept_name, kept_bytes, line))
-            if at == offset && kept_name == name && kept_bytes == bytes =>
+            if at == offset && kept_name == name && layout::same(&kept_bytes, &bytes) =>
         {
             Some(line)
         }
