@@ -1,10 +1,12 @@
 //! The main thread's one place to wait. Signal handlers only set an atomic and write
-//! a byte to a wake pipe; helper threads (the lock waiter, the output pumps) write the
-//! same pipe; SIGCHLD wakes it too. The main thread blocks in `poll` on that pipe with
-//! the nearest deadline as its timeout, then looks at what changed: no polling loops.
+//! a byte to a wake pipe; helper threads (a pool seat's waiter, the output pumps) write
+//! the same pipe; SIGCHLD wakes it too. The main thread blocks in `poll` on that pipe
+//! with the nearest deadline as its timeout, then looks at what changed: no polling
+//! loops. The one exception is a channel's queue, whose waits block the main thread in
+//! `flock` itself, cut short by the same signals and the deadline (`Control::flock`).
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
-use rustix::fd::BorrowedFd;
+use rustix::fd::{AsFd, BorrowedFd};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -108,6 +110,12 @@ impl Control {
         signal_hook::low_level::pipe::register(SIGCHLD, tx.try_clone()?)?;
         let sigxfsz_changed = crate::sys::ignore_sigxfsz();
         let tx = Arc::new(tx);
+        // The kick's spare descriptor: the wake socket's sending end, which lives as
+        // long as the process (the Control is leaked) and which nobody else can lock.
+        let spare: &'static UnixStream = Box::leak(Box::new(Arc::clone(&tx)));
+        let forwarded: Vec<i32> =
+            FORWARDED.into_iter().filter(|&s| !crate::sys::signal_is_ignored(s)).collect();
+        crate::sys::kick::install(&forwarded, spare.as_fd())?;
         Ok(Control { sigxfsz_changed, rx, tx, signal, lock_lost: Arc::new(AtomicBool::new(false)) })
     }
 
@@ -217,6 +225,27 @@ impl Control {
         }
     }
 
+    /// Blocks the calling thread, which must be the one that installed the Control, in
+    /// `flock` on `fd` (shared or exclusive) until the lock is granted, a forwarded signal
+    /// arrives or `deadline` passes; no helper thread (see `sys::kick`).
+    pub fn flock(&self, fd: BorrowedFd<'_>, exclusive: bool, deadline: Option<Instant>) -> Result<(), Gave> {
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let stop = || self.signal.load(Ordering::SeqCst) != 0 || left.is_some_and(|l| l.is_zero());
+            match crate::sys::kick::flock(fd, exclusive, left, stop) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err(Gave::Failed(format!("cannot lock: {e}"))),
+            }
+            if let Some(sig) = self.take_signal() {
+                return Err(Gave::Signal(sig));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Gave::Deadline);
+            }
+        }
+    }
+
     /// The forwarded signal received since the last call, if any.
     pub fn take_signal(&self) -> Option<i32> {
         match self.signal.swap(0, Ordering::SeqCst) {
@@ -244,5 +273,36 @@ mod tests {
         });
         assert_eq!(late, Err(Gave::Deadline));
         assert!(start.elapsed() < Duration::from_secs(4));
+
+        // (In the same test: a Control's waiting thread is the one that installed it.)
+        // A lock held elsewhere: the wait in this thread ends at the deadline, ...
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let holder = std::fs::File::create(&path).unwrap();
+        holder.lock().unwrap();
+        let waiter = std::fs::File::open(&path).unwrap();
+        let start = Instant::now();
+        assert_eq!(
+            control.flock(waiter.as_fd(), true, Some(start + Duration::from_millis(100))),
+            Err(Gave::Deadline)
+        );
+        assert!(start.elapsed() >= Duration::from_millis(100) && start.elapsed() < Duration::from_secs(4));
+        // ... or when a forwarded signal comes, to whichever thread it is delivered ...
+        let kicker = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::TERM).unwrap();
+        });
+        assert_eq!(control.flock(waiter.as_fd(), false, None), Err(Gave::Signal(SIGTERM)));
+        kicker.join().unwrap();
+        drop(holder);
+        let other = std::fs::File::open(&path).unwrap();
+        assert!(other.try_lock().is_ok(), "a cut-short wait holds nothing");
+        other.unlock().unwrap();
+        // ... and is granted when the lock is free.
+        assert_eq!(
+            control.flock(waiter.as_fd(), true, Some(Instant::now() + Duration::from_secs(10))),
+            Ok(())
+        );
+        assert!(other.try_lock().is_err(), "the lock is held");
     }
 }

@@ -83,6 +83,130 @@ unsafe impl std::alloc::GlobalAlloc for Allocator {
     }
 }
 
+/// A `flock` that blocks in the calling thread and that a forwarded signal or a deadline
+/// cuts short, without a helper thread (`Control::flock`). A helper thread's start, and
+/// the hop from it back to the main thread when the lock is granted, cost a contended
+/// run more than a tenth of its throughput (bench/throughput.sh).
+///
+/// The race every such wait has, a signal that comes after the waiter last looked but
+/// before it enters the kernel, is closed by where the kick acts: on the descriptor,
+/// not on a flag. The waiter blocks on a duplicate of its lock file's descriptor
+/// (`ARMED`); the kick, run in the waiting thread, `dup2`s a private descriptor
+/// (`SPARE`, the wake socket, which no other process can lock) over that number. Then
+/// whatever the instant of the signal:
+/// - before the waiter publishes `ARMED`: it finds `KICKED` set before it blocks;
+/// - after it, but before `flock` enters the kernel: `flock` takes the spare, at once;
+/// - during `flock`: the call fails with EINTR, or is restarted (SA_RESTART) on the
+///   spare and returns at once;
+/// - after the lock was granted, before the waiter withdraws `ARMED`: `KICKED` is set,
+///   and the waiter unlocks its lock file again (unlocking what it may not hold is a
+///   no-op) and reports the kick.
+///
+/// A signal may be delivered to any thread; the kick only acts in the waiting thread
+/// (`MAIN`), so that its `dup2` can never meet the waiter's `close`. Other threads pass
+/// the signal on to it as SIGALRM, the signal the deadline's timer (`setitimer`) sends.
+pub mod kick {
+    use rustix::fd::{AsRawFd, BorrowedFd, OwnedFd};
+    use std::io;
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::SeqCst};
+    use std::time::Duration;
+
+    /// The waiting thread (`pthread_self`), 0 before `install`.
+    static MAIN: AtomicUsize = AtomicUsize::new(0);
+    /// The descriptor the waiting `flock` uses, while it waits; else -1.
+    static ARMED: AtomicI32 = AtomicI32::new(-1);
+    static SPARE: AtomicI32 = AtomicI32::new(-1);
+    static KICKED: AtomicBool = AtomicBool::new(false);
+
+    /// Makes `signals` (and SIGALRM) kick a waiting `flock`, once per process, from the
+    /// thread that will wait. `spare` must stay open for the process's life and be a
+    /// file no other process locks. Each signal's other actions (signal-hook's flag and
+    /// wake-up, registered before) run first.
+    pub fn install(signals: &[i32], spare: BorrowedFd<'static>) -> io::Result<()> {
+        SPARE.store(spare.as_raw_fd(), SeqCst);
+        // SAFETY: pthread_self has no preconditions.
+        MAIN.store(unsafe { libc::pthread_self() } as usize, SeqCst);
+        for &sig in signals.iter().chain(&[libc::SIGALRM]) {
+            // SAFETY: `on_signal` is async-signal-safe: atomics, pthread_self,
+            // pthread_kill and dup2 only, on descriptors that stay valid (see the
+            // module's doc); it allocates nothing and takes no lock.
+            unsafe { signal_hook::low_level::register(sig, on_signal) }?;
+        }
+        Ok(())
+    }
+
+    fn on_signal() {
+        let main = MAIN.load(SeqCst);
+        // SAFETY: pthread_self has no preconditions.
+        if unsafe { libc::pthread_self() } as usize != main {
+            if ARMED.load(SeqCst) >= 0 {
+                // SAFETY: `main` is the live main thread's id (it waits now); SIGALRM's
+                // action is this function, so it only kicks.
+                unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGALRM) };
+            }
+            return;
+        }
+        KICKED.store(true, SeqCst);
+        let armed = ARMED.load(SeqCst);
+        if armed >= 0 {
+            // SAFETY: this runs in the waiting thread, which owns `armed` and has not
+            // closed it (it withdraws ARMED first); SPARE is open for the process's life.
+            unsafe { libc::dup2(SPARE.load(SeqCst), armed) };
+        }
+    }
+
+    /// Until a `flock` of `fd` is granted (`Ok(true)`), or a kick comes (`Ok(false)`;
+    /// the lock is then not held), or `timeout` passes (a kick too). `stop` is the
+    /// caller's own look at what a kick means (its signal flag, its deadline), taken
+    /// after `KICKED` is reset: a signal before that look is seen by it, one after it
+    /// kicks the wait; `Ok(false)` at once when it says stop.
+    pub fn flock(
+        fd: BorrowedFd<'_>,
+        exclusive: bool,
+        timeout: Option<Duration>,
+        stop: impl Fn() -> bool,
+    ) -> io::Result<bool> {
+        use rustix::fs::FlockOperation::{LockExclusive, LockShared, Unlock};
+        KICKED.store(false, SeqCst);
+        if stop() {
+            return Ok(false);
+        }
+        let copy: OwnedFd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
+        ARMED.store(copy.as_raw_fd(), SeqCst);
+        if let Some(left) = timeout {
+            set_timer(left.max(Duration::from_micros(1)));
+        }
+        let op = if exclusive { LockExclusive } else { LockShared };
+        let result = loop {
+            if KICKED.load(SeqCst) {
+                break Ok(());
+            }
+            match rustix::fs::flock(&copy, op) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other,
+            }
+        };
+        ARMED.store(-1, SeqCst);
+        if timeout.is_some() {
+            set_timer(Duration::ZERO);
+        }
+        result?;
+        if KICKED.load(SeqCst) {
+            let _ = rustix::fs::flock(fd, Unlock);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Arms (or, with zero, disarms) the one-shot real-time timer that sends SIGALRM.
+    fn set_timer(after: Duration) {
+        let tv = libc::timeval { tv_sec: after.as_secs() as _, tv_usec: after.subsec_micros() as _ };
+        let value = libc::itimerval { it_interval: libc::timeval { tv_sec: 0, tv_usec: 0 }, it_value: tv };
+        // SAFETY: `value` is a valid itimerval; the old value is not asked for.
+        unsafe { libc::setitimer(libc::ITIMER_REAL, &value, std::ptr::null_mut()) };
+    }
+}
+
 /// Whether `sig` was ignored when chan-run started (as under `nohup`): such a signal
 /// stays ignored, for chan-run and its command alike, as a shell would leave it.
 pub fn signal_is_ignored(sig: i32) -> bool {
@@ -184,8 +308,16 @@ pub fn spawn(spawn: &Spawn) -> io::Result<Spawned> {
 /// The signals whose disposition chan-run may have set to a handler (see
 /// `vfork::reset_signals`), and SIGPIPE, which std sets to SIG_IGN.
 #[cfg(target_os = "linux")]
-const CAUGHT: &[libc::c_int] =
-    &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD, libc::SIGSEGV, libc::SIGBUS, libc::SIGPIPE];
+const CAUGHT: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGCHLD,
+    libc::SIGALRM,
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGPIPE,
+];
 
 /// Linux: a `vfork`-style child, as glibc's `posix_spawn` makes one, but with the steps
 /// `posix_spawn` cannot express (parent-death signal, `tcsetpgrp`, the pid written into
@@ -486,7 +618,7 @@ mod vfork {
     /// each: ~70 fewer per run). That is every signal that can have a handler here:
     /// chan-run started with none (`execve` resets caught signals to SIG_DFL; only
     /// SIG_IGN is inherited), and the only code in the process that installs one is
-    /// `control.rs` (SIGINT, SIGTERM, SIGHUP through signal-hook, SIGCHLD) and std's
+    /// `control.rs` (SIGINT, SIGTERM, SIGHUP through signal-hook, SIGCHLD, SIGALRM) and std's
     /// runtime (SIGSEGV, SIGBUS: its stack-overflow handler, on the entry point other
     /// than `sys::main`). No dependency installs handlers of its own: signal-hook acts
     /// only for the signals it is given, no `ctrlc`, tokio (under the PostgreSQL client)
@@ -795,7 +927,8 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn every_signal_chan_run_catches_is_reset_in_the_child() {
-        for sig in crate::control::FORWARDED.into_iter().chain([libc::SIGCHLD, libc::SIGPIPE]) {
+        for sig in crate::control::FORWARDED.into_iter().chain([libc::SIGCHLD, libc::SIGALRM, libc::SIGPIPE])
+        {
             assert!(CAUGHT.contains(&sig), "signal {sig} is caught but not in sys::CAUGHT");
         }
     }

@@ -1,16 +1,20 @@
 //! Taking a channel: queue.rs's protocol driven for one caller. The channel's lock file
 //! is opened once and used for every step (the try, the holder's record shown while
 //! waiting, the blocking lock); only a lock file that clean-up removed meanwhile is
-//! opened again. Blocking steps run on a helper thread so the main thread can watch the
-//! deadline and signals: if it gives up, the process exits and the kernel drops the
-//! helper's waits (and frees its ticket: the next in line moves up).
+//! opened again. Blocking steps block this (the main) thread in the kernel, cut short by
+//! a forwarded signal or the deadline (`Control::flock`, `sys::kick`): a caller that
+//! gives up returns from its wait holding nothing, and closing its ticket frees its place
+//! (the next in line moves up). (Until issue 17 the waits ran on a helper thread; its
+//! start and the hop back to the main thread at every hand-off cost a tenth of the
+//! serialized throughput.)
 
 use super::files::ChannelFiles;
 use super::lock;
 use super::queue::{QueueDir, Ticket};
-use crate::control::{Control, Gave, Progress};
+use crate::control::{Control, Gave};
 use crate::store::{AcquireError, Wait, WaitNote};
 use anyhow::Context;
+use rustix::fd::{AsFd, BorrowedFd};
 use std::fs::File;
 
 /// Where registration (steps 1-3) left a caller.
@@ -38,8 +42,9 @@ pub fn acquire(
 pub struct Join {
     pub note: String,
     pub beside: Option<(String, std::sync::Arc<[u8]>)>,
-    /// Set (under the registration lock) by a caller that gave up: a helper thread still
-    /// registering for it must not join the queue after that.
+    /// Set (under the registration lock) by a caller that gave up: a registration still
+    /// under way for it (the pools' waits run on a helper thread) must not join the queue
+    /// after that.
     pub gave_up: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -52,7 +57,7 @@ pub fn acquire_joining(
     join: Join,
 ) -> Result<File, AcquireError> {
     let lock = files.open_lock()?;
-    let queued = match register(files, lock, false, &join)? {
+    let queued = match register(files, lock, None, &join)? {
         Registered::Held(file) => return Ok(file),
         _ if wait == Wait::No => return Err(AcquireError::Busy),
         Registered::Queued(queue, ticket, file, note) => {
@@ -65,54 +70,71 @@ pub fn acquire_joining(
         Wait::Until(d) => Some(d),
         _ => None,
     };
-    let helper = files.clone();
-    let waited = control.wait_for_progress(deadline, &mut |note: WaitNote| on_wait(&note), move |progress| {
-        wait_turn(&helper, queued, progress, &join)
-    });
-    match waited {
-        Ok(file) => Ok(file?),
-        Err(Gave::Deadline) => Err(AcquireError::Busy),
-        Err(Gave::Signal(sig)) => Err(AcquireError::Interrupted(sig)),
-        Err(Gave::Failed(why)) => {
+    // The waits block in this thread, cut short by a signal or the deadline (see
+    // `Control::flock`); a cut-short wait comes back as a `Gave` inside the error.
+    let mut block = |fd: BorrowedFd<'_>, exclusive: bool| -> anyhow::Result<()> {
+        Ok(control.flock(fd, exclusive, deadline)?)
+    };
+    let waited = wait_turn(files, queued, on_wait, &join, &mut block);
+    match waited.map_err(|e| e.downcast::<Gave>()) {
+        Ok(file) => Ok(file),
+        Err(Ok(Gave::Deadline)) => Err(AcquireError::Busy),
+        Err(Ok(Gave::Signal(sig))) => Err(AcquireError::Interrupted(sig)),
+        Err(Ok(Gave::Failed(why))) => {
             Err(anyhow::anyhow!("cannot wait for channel {}: {why}", files.channel).into())
         }
+        Err(Err(e)) => Err(e.into()),
     }
 }
 
-/// On the helper thread: registers (blocking) if the quick try was contended, then
-/// waits in line (steps 4-6).
+/// Blocks on a lock (exclusive or shared) until it is granted, or fails.
+type Block<'a> = dyn FnMut(BorrowedFd<'_>, bool) -> anyhow::Result<()> + 'a;
+
+/// Registers (blocking) if the quick try was contended, then waits in line (steps 4-6),
+/// every wait through `block`.
 fn wait_turn(
     files: &ChannelFiles,
     queued: Result<(QueueDir, Ticket, File), File>,
-    progress: &Progress<WaitNote>,
+    on_wait: &mut dyn FnMut(&WaitNote),
     join: &Join,
+    block: &mut Block<'_>,
 ) -> anyhow::Result<File> {
     let (queue, ticket, file) = match queued {
         Ok(queued) => queued,
-        Err(file) => match register(files, file, true, join)? {
+        Err(file) => match register(files, file, Some(&mut *block), join)? {
             Registered::Held(file) => return Ok(file),
             Registered::Queued(queue, ticket, file, note) => {
-                progress.send(note);
+                on_wait(&note);
                 (queue, ticket, file)
             }
             Registered::Contended(_) => unreachable!("a blocking registration waits its turn"),
         },
     };
     while let Some(ahead) = queue.predecessor(ticket.seq).context("cannot read the queue")? {
-        queue.wait_for(ahead).context("cannot wait in the queue")?;
+        queue.wait_for_with(ahead, |fd| block(fd, false)).context("cannot wait in the queue")?;
     }
-    let file = lock_blocking(files, file)?;
+    let file = lock_blocking(files, file, block)?;
     queue.leave(ticket);
     Ok(file)
 }
 
 /// Steps 1-3 of the queue protocol: the lock at once, or a ticket (or, not `blocking`,
 /// contended), starting over in a new folder if clean-up removed the one it opened.
-fn register(files: &ChannelFiles, mut lock: File, blocking: bool, join: &Join) -> anyhow::Result<Registered> {
+/// Steps 1-3; `block` waits for the registration lock (else it is only tried).
+fn register(
+    files: &ChannelFiles,
+    mut lock: File,
+    mut block: Option<&mut Block<'_>>,
+    join: &Join,
+) -> anyhow::Result<Registered> {
     loop {
         let queue = files.queue()?;
-        let Some(reg) = queue.register(blocking).context("cannot lock the queue")? else {
-            return Ok(Registered::Contended(lock));
+        let reg = match block.as_deref_mut() {
+            Some(block) => queue.register_with(|dir| block(dir, true)).context("cannot lock the queue")?,
+            None => match queue.register(false).context("cannot lock the queue")? {
+                Some(reg) => reg,
+                None => return Ok(Registered::Contended(lock)),
+            },
         };
         if !files.queue_still_linked(&queue) {
             continue;
@@ -150,9 +172,9 @@ fn try_lock(files: &ChannelFiles, mut file: File) -> anyhow::Result<Result<File,
 }
 
 /// Step 5: blocks in the kernel until the channel lock is ours.
-fn lock_blocking(files: &ChannelFiles, mut file: File) -> anyhow::Result<File> {
+fn lock_blocking(files: &ChannelFiles, mut file: File, block: &mut Block<'_>) -> anyhow::Result<File> {
     loop {
-        file.lock().context("cannot lock the channel")?;
+        block(file.as_fd(), true).context("cannot lock the channel")?;
         if files.still_names(&file) {
             return Ok(file);
         }

@@ -28,7 +28,7 @@ use super::dir::{self, Refused};
 use crate::procfs::{FileId, file_id};
 use crate::store::Waiter;
 use anyhow::Context;
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FlockOperation, OFlags};
 use rustix::io::Errno;
 use std::collections::HashMap;
@@ -117,13 +117,23 @@ impl QueueDir {
 
     /// Step 1; `None` if `blocking` is false and somebody else is registering.
     pub fn register(&self, blocking: bool) -> rustix::io::Result<Option<Registration<'_>>> {
-        let op =
-            if blocking { FlockOperation::LockExclusive } else { FlockOperation::NonBlockingLockExclusive };
-        match rustix::fs::flock(&self.dir, op) {
+        if blocking {
+            return self.register_with(|dir| flock_restarting(dir, FlockOperation::LockExclusive)).map(Some);
+        }
+        match rustix::fs::flock(&self.dir, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(Registration(self))),
             Err(Errno::WOULDBLOCK) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Step 1, waiting as `lock` does (it takes the folder's exclusive lock, or fails).
+    pub fn register_with<E>(
+        &self,
+        lock: impl FnOnce(BorrowedFd<'_>) -> Result<(), E>,
+    ) -> Result<Registration<'_>, E> {
+        lock(self.dir.as_fd())?;
+        Ok(Registration(self))
     }
 
     /// For clean-up: takes the registration lock without waiting, and keeps it for as
@@ -238,19 +248,22 @@ impl QueueDir {
 
     /// Step 4: blocks until `seq`'s owner is gone, then removes its ticket.
     pub fn wait_for(&self, seq: u64) -> rustix::io::Result<()> {
+        self.wait_for_with(seq, |fd| flock_restarting(fd, FlockOperation::LockShared))
+    }
+
+    /// Step 4, waiting as `lock_shared` does (it takes the ticket's shared lock, or fails).
+    pub fn wait_for_with<E: From<Errno>>(
+        &self,
+        seq: u64,
+        lock_shared: impl FnOnce(BorrowedFd<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let name = ticket_name(seq);
         let fd = match dir::file(&self.dir, &name, OFlags::RDONLY) {
             Ok(fd) => fd,
             Err(Refused::Os(Errno::NOENT)) => return Ok(()),
-            Err(e) => return Err(ticket_error(e)),
+            Err(e) => return Err(ticket_error(e).into()),
         };
-        loop {
-            match rustix::fs::flock(&fd, FlockOperation::LockShared) {
-                Err(Errno::INTR) => continue,
-                other => other?,
-            }
-            break;
-        }
+        lock_shared(fd.as_fd())?;
         self.unlink_if_same(&name, &fd);
         Ok(())
     }
@@ -272,5 +285,15 @@ fn ticket_error(e: Refused) -> Errno {
     match e {
         Refused::Os(e) => e,
         Refused::Link | Refused::Kind | Refused::Unsafe(_) => Errno::INVAL,
+    }
+}
+
+/// A blocking `flock`, restarted when a signal interrupts it.
+fn flock_restarting(fd: BorrowedFd<'_>, op: FlockOperation) -> rustix::io::Result<()> {
+    loop {
+        match rustix::fs::flock(fd, op) {
+            Err(Errno::INTR) => continue,
+            other => return other,
+        }
     }
 }
