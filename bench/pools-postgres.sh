@@ -5,13 +5,13 @@
 #
 #   bench/pools-postgres.sh [ROUNDS] [HANDOFF_ROUNDS]      (defaults: 100, 30)
 #
-# Uses target/release/chan-run (or $CHAN_RUN_BIN) and a `scripts/test-postgres` cluster
+# Uses the build scripts/build makes (or $CHAN_RUN_BIN) and a `scripts/test-postgres` cluster
 # named `bench-pools` (or $CHAN_RUN_TEST_PG), a fresh schema per run of the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-100}
 HANDOFF=${2:-30}
-BIN=${CHAN_RUN_BIN:-${CARGO_TARGET_DIR:-target}/release/chan-run}
+BIN=${CHAN_RUN_BIN:-$(scripts/build)}
 URL=${CHAN_RUN_TEST_PG:-$(scripts/test-postgres start bench-pools)}
 SCHEMA=bench_pools_$$
 psql -X -q "$URL" -c "CREATE SCHEMA $SCHEMA"
