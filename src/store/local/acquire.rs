@@ -42,10 +42,6 @@ pub fn acquire(
 pub struct Join {
     pub note: String,
     pub beside: Option<(String, std::sync::Arc<[u8]>)>,
-    /// Set (under the registration lock) by a caller that gave up: a registration still
-    /// under way for it (the pools' waits run on a helper thread) must not join the queue
-    /// after that.
-    pub gave_up: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// As `acquire`, leaving `join` in the queue if this caller has to wait.
@@ -145,9 +141,6 @@ fn register(
                 Ok(file) => return Ok(Registered::Held(file)),
                 Err(file) => lock = file,
             }
-        }
-        if join.gave_up.as_ref().is_some_and(|g| g.load(std::sync::atomic::Ordering::SeqCst)) {
-            anyhow::bail!("gave up waiting");
         }
         if let Some((name, contents)) = &join.beside {
             queue.write_beside(&reg, name, contents)?;

@@ -52,7 +52,6 @@ use rustix::fs::{AtFlags, OFlags};
 use rustix::io::Errno;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const VERDICT: &str = "verdict";
@@ -86,26 +85,24 @@ pub fn acquire(
     entry: &CollectEntry,
 ) -> Result<Turn, AcquireError> {
     let token = new_token();
-    let gave_up = Arc::new(AtomicBool::new(false));
     // A caller that will not wait never queues: nothing to leave behind.
     let join = match wait {
         Wait::No => Join::default(),
         _ => Join {
             note: format!("collect {} {token}", entry.fingerprint),
             beside: Some((format!("msg-{token}"), Arc::clone(&entry.message))),
-            gave_up: Some(Arc::clone(&gave_up)),
         },
     };
     let file = match acquire::acquire_joining(files, wait, control, on_wait, join) {
         Ok(file) => file,
         Err(AcquireError::Interrupted(sig)) => {
-            return match withdraw(files, &token, &gave_up) {
+            return match withdraw(files, &token) {
                 Ok(true) => Ok(Turn::TakenThenInterrupted(sig)),
                 _ => Err(AcquireError::Interrupted(sig)),
             };
         }
         Err(e) => {
-            let _ = withdraw(files, &token, &gave_up);
+            let _ = withdraw(files, &token);
             return Err(e);
         }
     };
@@ -123,13 +120,12 @@ pub fn acquire(
     Ok(Turn::Run(Box::new(lease)))
 }
 
-/// A caller giving up its wait: under the registration lock, marks it gone (so its
-/// helper thread, if still registering, never joins) and unlinks its message. `true`
-/// if the message had been taken already.
-fn withdraw(files: &ChannelFiles, token: &str, gave_up: &AtomicBool) -> anyhow::Result<bool> {
+/// A caller giving up its wait (which ran in this thread: nothing of it is still under
+/// way): under the registration lock, which a batch's runner takes its messages under,
+/// unlinks its message. `true` if the message had been taken already.
+fn withdraw(files: &ChannelFiles, token: &str) -> anyhow::Result<bool> {
     let queue = files.queue()?;
     let _reg = queue.register(true).context("cannot lock the queue")?;
-    gave_up.store(true, Ordering::SeqCst);
     let _ = rustix::fs::unlinkat(queue.fd(), format!("msg-{token}"), AtFlags::empty());
     Ok(rustix::fs::statat(queue.fd(), format!("taken-{token}"), AtFlags::SYMLINK_NOFOLLOW).is_ok())
 }
