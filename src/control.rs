@@ -99,6 +99,7 @@ impl Control {
         rx.set_nonblocking(true)?;
         tx.set_nonblocking(true)?;
         let signal = Arc::new(AtomicUsize::new(0));
+        let mut forwarded = Vec::with_capacity(FORWARDED.len());
         for sig in FORWARDED {
             if crate::sys::signal_is_ignored(sig) {
                 continue;
@@ -106,6 +107,7 @@ impl Control {
             // Registered first, so the flag is set before the wake byte is written.
             signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)?;
             signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
+            forwarded.push(sig);
         }
         signal_hook::low_level::pipe::register(SIGCHLD, tx.try_clone()?)?;
         let sigxfsz_changed = crate::sys::ignore_sigxfsz();
@@ -113,8 +115,6 @@ impl Control {
         // The kick's spare descriptor: the wake socket's sending end, which lives as
         // long as the process (the Control is leaked) and which nobody else can lock.
         let spare: &'static UnixStream = Box::leak(Box::new(Arc::clone(&tx)));
-        let forwarded: Vec<i32> =
-            FORWARDED.into_iter().filter(|&s| !crate::sys::signal_is_ignored(s)).collect();
         crate::sys::kick::install(&forwarded, spare.as_fd())?;
         Ok(Control { sigxfsz_changed, rx, tx, signal, lock_lost: Arc::new(AtomicBool::new(false)) })
     }

@@ -114,9 +114,9 @@ fn wait_turn(
     Ok(file)
 }
 
-/// Steps 1-3 of the queue protocol: the lock at once, or a ticket (or, not `blocking`,
-/// contended), starting over in a new folder if clean-up removed the one it opened.
-/// Steps 1-3; `block` waits for the registration lock (else it is only tried).
+/// Steps 1-3 of the queue protocol: the lock at once, or a ticket (or, with no `block`
+/// to wait for the registration lock with, contended), starting over in a new folder if
+/// clean-up removed the one it opened.
 fn register(
     files: &ChannelFiles,
     mut lock: File,
