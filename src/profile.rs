@@ -73,7 +73,7 @@ impl Profile {
     /// the first event carrying `thread_id` (`thread.started`), else the last line.
     pub fn find_session(self, head: &[u8], tail: &[u8], whole: bool) -> Found {
         let key = self.session_key();
-        let result = result_doc(tail, whole);
+        let result = session::last_document(tail, whole);
         let from_result = || match &result {
             Some(doc) if self == Profile::Claude && is_error(doc) && api_status(doc).is_none() => {
                 Some(Found::Nothing)
@@ -100,7 +100,7 @@ impl Profile {
         if failed && stderr.contains(stale_words) {
             return Reading { kind: Some(Kind::StaleSession), ..Reading::default() };
         }
-        let Some(doc) = result_doc(tail, whole) else { return Reading::default() };
+        let Some(doc) = session::last_document(tail, whole) else { return Reading::default() };
         match self {
             Profile::Claude if is_error(&doc) => {
                 let api_status = api_status(&doc);
@@ -127,15 +127,6 @@ impl Profile {
             _ => Reading::default(),
         }
     }
-}
-
-/// The last document of the output: the whole output as one JSON document, else its
-/// last non-empty line.
-fn result_doc(tail: &[u8], whole: bool) -> Option<Value> {
-    whole.then(|| session::json(tail)).flatten().or_else(|| {
-        let last = tail.split(|&b| b == b'\n').rev().find(|line| !line.trim_ascii().is_empty())?;
-        session::json(last)
-    })
 }
 
 fn is_error(doc: &Value) -> bool {

@@ -24,8 +24,7 @@ pub enum Found {
 }
 
 pub fn find(tail: &[u8], whole: bool, pointer: &str) -> Found {
-    let doc = whole.then(|| json(tail)).flatten().or_else(|| json(last_line(tail)?));
-    let Some(doc) = doc else { return Found::Nothing };
+    let Some(doc) = last_document(tail, whole) else { return Found::Nothing };
     if doc.get("is_error") == Some(&Value::Bool(true)) {
         return Found::Nothing;
     }
@@ -36,6 +35,12 @@ pub fn find(tail: &[u8], whole: bool, pointer: &str) -> Found {
             Some(why) => Found::Refused(why),
         },
     }
+}
+
+/// The output's last JSON document: the kept tail as one document when it is the whole
+/// output, otherwise (or if that fails) its last non-empty line.
+pub fn last_document(tail: &[u8], whole: bool) -> Option<Value> {
+    whole.then(|| json(tail)).flatten().or_else(|| json(last_line(tail)?))
 }
 
 /// `bytes` as one JSON document, if they are one. Output that cannot begin a JSON value
